@@ -1,0 +1,82 @@
+"""Distill's HTTP service: `create_app()` builds it from a `Config`.
+
+Configuration is resolved once (from the environment unless a `Config` is
+given); the embedding model loads lazily, once per process, on first use.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from flask import Flask, Response, request
+
+from pipeline.embed import BUNDLED_MODEL, Embedder, FastEmbedModel
+from pipeline.profiles import model_threshold
+from pipeline.runner import Defaults, Offload
+
+from .api import api
+from .auth import check_api_key
+from .config import Config, load_config
+from .errors import register_error_handlers
+from .offload import CpuPool
+
+__version__ = "0.1.0"
+
+CORS_HEADERS = {
+    "Access-Control-Allow-Origin": "*",
+    "Access-Control-Allow-Methods": "GET, POST, OPTIONS",
+    "Access-Control-Allow-Headers": "Content-Type, Authorization",
+}
+
+
+@dataclass
+class Service:
+    """What the routes share: config, the model, the CPU pool, request defaults."""
+
+    config: Config
+    embedder: Embedder
+    offload: Offload
+    defaults: Defaults
+
+    @property
+    def heartbeat_s(self) -> float:
+        return self.config.sse_heartbeat_s
+
+
+def create_app(config: Config | None = None, embedder: Embedder | None = None) -> Flask:
+    config = load_config() if config is None else config
+    app = Flask(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = config.max_body_bytes
+    app.json.sort_keys = False  # Go's struct order, never alphabetical
+    app.extensions["distill"] = Service(
+        config=config,
+        embedder=embedder or FastEmbedModel(config.embedding_model),
+        offload=CpuPool(),
+        defaults=Defaults(
+            go_threshold=config.threshold,
+            model_threshold=config.model_threshold or model_threshold(config.embedding_model),
+            lambda_=config.lambda_,
+        ),
+    )
+    register_error_handlers(app)
+    _register_cors_and_auth(app, config)
+    app.register_blueprint(api)
+    return app
+
+
+def _register_cors_and_auth(app: Flask, config: Config) -> None:
+    @app.before_request
+    def preflight_and_auth():
+        if request.method == "OPTIONS":  # any path: a browser's preflight
+            return Response(status=200, headers=CORS_HEADERS)
+        if config.api_keys and request.path.startswith("/v1/"):
+            check_api_key(request.headers.get("Authorization"), config.api_keys)
+        return None
+
+    @app.after_request
+    def allow_any_origin(response: Response) -> Response:
+        response.headers["Access-Control-Allow-Origin"] = "*"
+        return response
+
+
+__all__ = ["create_app", "Config", "load_config", "BUNDLED_MODEL"]

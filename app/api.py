@@ -1,0 +1,91 @@
+"""Routes. Thin: read and validate the body, run the one stage runner, encode."""
+
+from __future__ import annotations
+
+import time
+
+from flask import Blueprint, Response, current_app, request
+
+from pipeline.embed import ModelUnavailable
+from pipeline.runner import drain, run
+from pipeline.types import DedupeRequest, StageError
+
+from . import jsonio
+from .streaming import sse_frames
+from .validate import ApiError, check_model_dimension, parse_request
+
+api = Blueprint("api", __name__)
+
+SSE_HEADERS = {
+    "Cache-Control": "no-cache",
+    "X-Accel-Buffering": "no",  # nginx: pass each event through at once
+}
+
+ENDPOINTS = {
+    "POST /v1/dedupe": "de-duplicate chunks; one JSON response",
+    "POST /v1/dedupe/stream": "de-duplicate chunks; Server-Sent Events of per-stage progress",
+    "GET /health": "liveness",
+    "GET /metrics": "Prometheus metrics",
+    "GET /": "this index",
+}
+
+
+def json_response(obj, status: int = 200) -> Response:
+    return Response(jsonio.dumps(obj), status=status, mimetype="application/json")
+
+
+@api.get("/")
+def index() -> Response:
+    from . import __version__
+
+    return json_response({"name": "distill", "version": __version__, "endpoints": ENDPOINTS})
+
+
+@api.get("/health")
+def health() -> Response:
+    return json_response({"status": "ok"})
+
+
+@api.post("/v1/dedupe")
+def dedupe() -> Response:
+    started, dedupe_request = _read_request()
+    try:
+        result = drain(_run(dedupe_request, started))
+    except StageError as exc:
+        if isinstance(exc.__cause__, ModelUnavailable):
+            raise ApiError(503, exc.message) from exc
+        current_app.logger.error("dedupe failed in %s", exc.stage, exc_info=exc.__cause__)
+        raise ApiError(500, f"internal error in stage {exc.stage}") from exc
+    return json_response(result.to_wire())
+
+
+@api.post("/v1/dedupe/stream")
+def dedupe_stream() -> Response:
+    started, dedupe_request = _read_request()
+    frames = sse_frames(_run(dedupe_request, started), current_app.extensions["distill"].heartbeat_s)
+    return Response(frames, mimetype="text/event-stream", headers=SSE_HEADERS)
+
+
+def _read_request() -> tuple[float, DedupeRequest]:
+    """Parse and validate the body (a 4xx on any problem); note when parsing ended."""
+    service = current_app.extensions["distill"]
+    try:
+        body = jsonio.loads(request.get_data(cache=False))
+    except jsonio.JSONError as exc:
+        raise ApiError(400, f"invalid JSON: {exc}") from None
+    started = time.perf_counter()
+    dedupe_request = parse_request(body, service.config)
+    if dedupe_request.needs_model:
+        try:
+            model_dim = service.offload(service.embedder.dim)
+        except ModelUnavailable as exc:
+            raise ApiError(503, f"embedding model unavailable: {exc}") from None
+        check_model_dimension(dedupe_request, model_dim)
+    return started, dedupe_request
+
+
+def _run(dedupe_request: DedupeRequest, started: float):
+    service = current_app.extensions["distill"]
+    return run(
+        dedupe_request, service.embedder, service.defaults, service.offload, started=started
+    )

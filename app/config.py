@@ -1,0 +1,87 @@
+"""Configuration, read once from the environment and validated at start-up.
+
+`gunicorn.conf.py` calls `load_config()` in the master before any worker
+forks, so a bad value stops the server at once with one line naming the
+variable, instead of workers crashing in a restart loop.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Callable, Mapping
+
+from pipeline.embed import BUNDLED_MODEL
+
+MIB = 1024 * 1024
+
+
+class ConfigError(ValueError):
+    """A bad environment value; the message names the variable."""
+
+
+@dataclass(frozen=True)
+class Config:
+    api_keys: tuple[str, ...] = ()
+    threshold: float = 0.15
+    lambda_: float = 0.5
+    model_threshold: float | None = None  # None: the model's calibrated value
+    embedding_model: str = BUNDLED_MODEL
+    max_chunks: int = 10_000
+    max_body_bytes: int = 64 * MIB
+    sse_heartbeat_s: float = 10.0
+
+
+def load_config(env: Mapping[str, str] | None = None) -> Config:
+    """Build a `Config` from environment variables (unset or empty: the default)."""
+    env = os.environ if env is None else env
+    defaults = Config()
+
+    def read(name: str, parse: Callable[[str], object], default):
+        raw = env.get(name, "").strip()
+        if not raw:
+            return default
+        try:
+            return parse(raw)
+        except ValueError as exc:
+            raise ConfigError(f"{name}={raw!r}: {exc}") from None
+
+    return Config(
+        api_keys=read("DISTILL_API_KEYS", _keys, ()),
+        threshold=read("DISTILL_THRESHOLD", _bounded(0, 2, open_low=True), defaults.threshold),
+        lambda_=read("DISTILL_LAMBDA", _bounded(0, 1, open_low=True), defaults.lambda_),
+        model_threshold=read("DISTILL_MODEL_THRESHOLD", _bounded(0, 2, open_low=True), None),
+        embedding_model=read("DISTILL_EMBEDDING_MODEL", str, defaults.embedding_model),
+        max_chunks=read("DISTILL_MAX_CHUNKS", _positive_int, defaults.max_chunks),
+        max_body_bytes=read("DISTILL_MAX_BODY_BYTES", _positive_int, defaults.max_body_bytes),
+        sse_heartbeat_s=read(
+            "DISTILL_SSE_HEARTBEAT_S", _bounded(0, 3600, open_low=True), defaults.sse_heartbeat_s
+        ),
+    )
+
+
+def _keys(raw: str) -> tuple[str, ...]:
+    keys = tuple(k.strip() for k in raw.split(",") if k.strip())
+    if not keys:
+        raise ValueError("no key in the list")
+    return keys
+
+
+def _positive_int(raw: str) -> int:
+    value = int(raw)
+    if value <= 0:
+        raise ValueError("must be a positive integer")
+    return value
+
+
+def _bounded(low: float, high: float, open_low: bool) -> Callable[[str], float]:
+    def parse(raw: str) -> float:
+        value = float(raw)
+        too_low = value <= low if open_low else value < low
+        if not math.isfinite(value) or too_low or value > high:
+            bracket = "(" if open_low else "["
+            raise ValueError(f"must be a number in {bracket}{low}, {high}]")
+        return value
+
+    return parse

@@ -1,0 +1,191 @@
+"""Turn a parsed JSON body into a `DedupeRequest`, or refuse it with a clear 4xx.
+
+Every rule of the contract is checked here, once, so the pipeline can trust
+its input. Go-client zero values (threshold 0, lambda 0, null text, empty
+embedding) mean "default", as in the Go service; unlike it, out-of-range
+values are refused instead of silently replaced.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import math
+from typing import Any
+
+import numpy as np
+
+from pipeline.types import GUARDS, LINKAGES, SELECTIONS, Chunk, DedupeRequest
+
+from .config import Config
+
+_NUMBER_TYPES = {int, float}
+
+
+class ApiError(Exception):
+    """An HTTP error answered as JSON `{"error": message}`."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def bad(message: str) -> ApiError:
+    return ApiError(400, message)
+
+
+def parse_request(body: Any, config: Config) -> DedupeRequest:
+    """Validate a parsed body against the contract (limits from `config`)."""
+    if not isinstance(body, dict):
+        raise bad("request body must be a JSON object")
+    raw_chunks = body.get("chunks")
+    if raw_chunks is None or raw_chunks == []:
+        raise bad("chunks is required and must not be empty")
+    if not isinstance(raw_chunks, list):
+        raise bad("chunks must be an array")
+    if len(raw_chunks) > config.max_chunks:
+        raise ApiError(
+            413, f"too many chunks: {len(raw_chunks)} > DISTILL_MAX_CHUNKS ({config.max_chunks})"
+        )
+    chunks = tuple(_chunk(raw, i) for i, raw in enumerate(raw_chunks))
+    query_embedding = _embedding(body.get("query_embedding"), "query_embedding")
+    _check_dimensions(chunks, query_embedding)
+    return DedupeRequest(
+        chunks=chunks,
+        threshold=_zero_is_default(body, "threshold", 2.0),
+        lambda_=_zero_is_default(body, "lambda", 1.0),
+        target_k=_target_k(body.get("target_k")),
+        guards=_guards(body.get("guards")),
+        linkage=_choice(body, "linkage", LINKAGES),
+        selection=_choice(body, "selection", SELECTIONS),
+        query=_optional_string(body.get("query"), "query") or None,
+        query_embedding=query_embedding,
+    )
+
+
+def check_model_dimension(request: DedupeRequest, model_dim: int) -> None:
+    """Given vectors must match the model's when the model embeds the rest."""
+    given = next((c.embedding for c in request.chunks if c.embedding is not None), None)
+    if given is None:
+        given = request.query_embedding
+    if given is not None and len(given) != model_dim:
+        raise bad(
+            f"embedding dimension {len(given)} does not match the model's dimension {model_dim}"
+        )
+
+
+def _chunk(raw: Any, index: int) -> Chunk:
+    where = f"chunks[{index}]"
+    if not isinstance(raw, dict):
+        raise bad(f"{where} must be an object")
+    text = _optional_string(raw.get("text"), f"{where}.text") or ""
+    embedding = _embedding(raw.get("embedding"), f"{where}.embedding")
+    if not text and embedding is None:
+        raise bad(f"{where} needs a non-empty text or an embedding")
+    return Chunk(
+        id=_optional_string(raw.get("id"), f"{where}.id") or "",
+        text=text,
+        score=_score(raw.get("score"), f"{where}.score"),
+        embedding=embedding,
+    )
+
+
+def _optional_string(value: Any, where: str) -> str | None:
+    if value is None or isinstance(value, str):
+        return value
+    raise bad(f"{where} must be a string")
+
+
+def _is_number(value: Any) -> bool:
+    return type(value) in _NUMBER_TYPES  # bool is not a number here
+
+
+def _score(value: Any, where: str) -> int | float:
+    if value is None:
+        return 0
+    if not _is_number(value) or not math.isfinite(value):
+        raise bad(f"{where} must be a finite number")
+    if isinstance(value, int) and not -(2**63) <= value < 2**63:
+        return float(value)  # as Go's float64; the encoder cannot write a bigger int
+    return value
+
+
+def _embedding(value: Any, where: str) -> np.ndarray | None:
+    """A list of finite numbers or a base64 string of little-endian float32; empty = absent."""
+    if value is None or value == [] or value == "":
+        return None
+    if isinstance(value, str):
+        vector = _from_base64(value, where)
+    elif isinstance(value, list):
+        if not set(map(type, value)) <= _NUMBER_TYPES:
+            raise bad(f"{where} must be an array of numbers")
+        try:
+            vector = np.array(value, dtype=np.float64).astype(np.float32)
+        except OverflowError:
+            raise bad(f"{where} must contain finite numbers") from None
+    else:
+        raise bad(f"{where} must be an array of numbers or a base64 string")
+    if not np.isfinite(vector).all():
+        raise bad(f"{where} must contain finite float32 numbers")
+    return vector
+
+
+def _from_base64(value: str, where: str) -> np.ndarray:
+    try:
+        raw = base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise bad(f"{where} is not valid base64") from None
+    if len(raw) % 4:
+        raise bad(f"{where} must decode to whole float32 values ({len(raw)} bytes)")
+    return np.frombuffer(raw, dtype="<f4").astype(np.float32)
+
+
+def _check_dimensions(chunks: tuple[Chunk, ...], query_embedding: np.ndarray | None) -> None:
+    dims = {len(c.embedding) for c in chunks if c.embedding is not None}
+    if query_embedding is not None:
+        dims.add(len(query_embedding))
+    if len(dims) > 1:
+        raise bad(f"all embeddings must have the same dimension, got {sorted(dims)}")
+
+
+def _zero_is_default(body: dict, name: str, high: float) -> float | None:
+    """A Go client sends 0 for "unset": 0, null or missing mean the default."""
+    value = body.get(name)
+    if value is None:
+        return None
+    if not _is_number(value) or not math.isfinite(value):
+        raise bad(f"{name} must be a number")
+    if value < 0 or value > high:
+        raise bad(f"{name} must be between 0 and {high:g}, got {value}")
+    return None if value == 0 else float(value)
+
+
+def _target_k(value: Any) -> int:
+    if value is None:
+        return 0
+    if type(value) is not int:
+        raise bad("target_k must be an integer")
+    if value < 0:
+        raise bad(f"target_k must be >= 0, got {value}")
+    return value
+
+
+def _guards(value: Any) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    if not isinstance(value, list) or not all(isinstance(g, str) for g in value):
+        raise bad("guards must be an array of strings")
+    unknown = sorted(set(value) - set(GUARDS))
+    if unknown:
+        raise bad(f"unknown guard {unknown[0]!r}; known: {', '.join(GUARDS)}")
+    return tuple(dict.fromkeys(value))
+
+
+def _choice(body: dict, name: str, allowed: tuple[str, ...]) -> str:
+    value = body.get(name)
+    if value is None:
+        return allowed[0]
+    if value not in allowed:
+        raise bad(f"{name} must be one of {', '.join(allowed)}")
+    return value

@@ -1,0 +1,111 @@
+"""The pipeline's vocabulary: a validated request in, stage events and a result out.
+
+Nothing here knows about HTTP. The request is already validated: the runner
+trusts every field.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+LINKAGES = ("average", "single", "complete")
+SELECTIONS = ("score", "centroid", "length", "hybrid")
+GUARDS = ("numbers",)
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """One input chunk. `score` keeps the caller's number (int or float) so it echoes exactly."""
+
+    id: str = ""
+    text: str = ""
+    score: int | float = 0
+    embedding: np.ndarray | None = None  # (d,) float32, as sent (not normalised)
+
+
+@dataclass(frozen=True)
+class DedupeRequest:
+    """A validated request. `None` means "use the default" (resolved by the runner)."""
+
+    chunks: tuple[Chunk, ...]
+    threshold: float | None = None
+    lambda_: float | None = None
+    target_k: int = 0
+    guards: tuple[str, ...] | None = None
+    linkage: str = "average"
+    selection: str = "score"
+    query: str | None = None
+    query_embedding: np.ndarray | None = None
+
+    @property
+    def texts_to_embed(self) -> list[int]:
+        """Indices of the chunks the model must embed (those without a vector)."""
+        return [i for i, c in enumerate(self.chunks) if c.embedding is None]
+
+    @property
+    def needs_model(self) -> bool:
+        return bool(self.texts_to_embed) or (
+            self.query is not None and self.query_embedding is None
+        )
+
+
+@dataclass(frozen=True)
+class StageEvent:
+    """Progress of one stage: 0 when it starts, 1 when it ends (with stats), fractions between."""
+
+    stage: str
+    progress: float
+    stats: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class OutputChunk:
+    id: str
+    text: str
+    score: int | float
+    cluster_id: int
+
+
+@dataclass
+class Result:
+    chunks: list[OutputChunk]
+    input_count: int
+    cluster_count: int
+    latency_ms: int = 0
+
+    @property
+    def output_count(self) -> int:
+        return len(self.chunks)
+
+    @property
+    def reduction_pct(self) -> int:
+        """As the Go service: truncation of the float percentage (5 -> 4 gives 19)."""
+        return int((1 - self.output_count / self.input_count) * 100)
+
+    def to_wire(self) -> dict[str, Any]:
+        """The response object, keys in the Go service's struct order."""
+        return {
+            "chunks": [
+                {"id": c.id, "text": c.text, "score": c.score, "cluster_id": c.cluster_id}
+                for c in self.chunks
+            ],
+            "stats": {
+                "input_count": self.input_count,
+                "output_count": self.output_count,
+                "cluster_count": self.cluster_count,
+                "reduction_pct": self.reduction_pct,
+                "latency_ms": self.latency_ms,
+            },
+        }
+
+
+class StageError(Exception):
+    """A failure inside a stage, with a message fit for a client."""
+
+    def __init__(self, stage: str, message: str):
+        super().__init__(message)
+        self.stage = stage
+        self.message = message
