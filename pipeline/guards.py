@@ -15,7 +15,7 @@ alone, because words like "one" are often pronouns and a unit change ("5 km" /
 from __future__ import annotations
 
 import re
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from typing import Sequence
 
 import numpy as np
@@ -23,9 +23,10 @@ from scipy import sparse
 
 from .cluster import MAX_DISTANCE
 
-# A sign counts only where it is not a hyphen inside a word or a range ("2-3").
+# A sign counts only where it is not a hyphen inside a word or a range ("2-3");
+# digits glued to a word ("covid19", "v1.2") are names, not quantities.
 _NUMBER = re.compile(
-    r"(?:(?<![\w.,])([-+\u2212]))?(?<![\w.,])(\d{1,3}(?:,\d{3})+|\d+)(\.\d+)?(?![\d])"
+    r"(?<![\w.,])([-+\u2212]?)(\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?|\.\d+)(?!\d)"
 )
 _BLOCK_ROWS = 1024
 
@@ -33,12 +34,8 @@ _BLOCK_ROWS = 1024
 def numbers_in(text: str) -> frozenset[str]:
     """Canonical forms of the numbers in `text`: "3", "3.0" -> "3"; "3,000" -> "3000"; "-5" -> "-5"."""
     found = set()
-    for sign, whole, fraction in _NUMBER.findall(text):
-        literal = whole.replace(",", "") + (fraction or "")
-        try:
-            value = Decimal(literal).normalize()
-        except InvalidOperation:
-            continue
+    for sign, literal in _NUMBER.findall(text):
+        value = Decimal(literal.replace(",", "")).normalize()
         if value != 0 and sign in ("-", "\u2212"):
             value = -value
         found.add(format(value, "f"))

@@ -1,0 +1,72 @@
+"""The real bundled model: offline, verified, normalised, meaningful, batch-independent."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pipeline.embed import (
+    FastEmbedModel,
+    ModelUnavailable,
+    bundled_model_dir,
+    l2_normalise,
+    length_sorted_batches,
+)
+
+
+def test_bundled_model_gives_unit_vectors_of_384(embedder):
+    vectors = embedder.embed(["A plane is taking off.", "Ein Flugzeug hebt ab.", "🙂"])
+    assert vectors.shape == (3, 384) and vectors.dtype == np.float32
+    assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-4)
+
+
+def test_paraphrases_are_closer_than_unrelated_sentences(embedder):
+    a, b, c, d = embedder.embed(
+        [
+            "A plane is taking off.",
+            "An air plane is taking off.",
+            "A man is playing a flute.",
+            "Someone is playing a wind instrument.",
+        ]
+    )
+    assert a @ b > 0.85
+    assert a @ b > a @ c + 0.4
+    assert c @ d > a @ d
+
+
+def test_vectors_do_not_depend_on_batch_neighbours(embedder):
+    texts = ["short", "a considerably longer sentence about the weather in spring"]
+    together = embedder.embed(texts)
+    alone = np.vstack([embedder.embed([t]) for t in texts])
+    assert np.allclose(together, alone, atol=1e-5)
+
+
+def test_very_long_text_is_truncated_not_an_error(embedder):
+    assert embedder.embed(["word " * 5000]).shape == (1, 384)
+
+
+def test_model_directory_is_verified_and_complete(tmp_path):
+    folder = bundled_model_dir(tmp_path)
+    assert sorted(p.name for p in folder.iterdir()) == ["model.onnx", "tokenizer.json", "tokenizer_config.json"]
+
+
+def test_unknown_model_is_a_clear_error_not_a_hang():
+    model = FastEmbedModel("no-such/model")
+    with pytest.raises(ModelUnavailable):
+        model.dim()
+    with pytest.raises(ModelUnavailable):  # remembered: no second slow attempt
+        model.embed(["x"])
+
+
+def test_length_sorted_batches_cover_every_index_once():
+    texts = ["a" * k for k in [3, 10, 1, 7, 7, 2]]
+    batches = length_sorted_batches(texts, 4)
+    assert batches == [[1, 3, 4, 0], [5, 2]]
+    assert sorted(i for b in batches for i in b) == list(range(6))
+
+
+def test_l2_normalise_keeps_zero_rows_and_survives_huge_values():
+    unit = l2_normalise(np.array([[3, 4], [0, 0], [3e38, 3e38]], dtype=np.float32))
+    assert unit[0].tolist() == pytest.approx([0.6, 0.8])
+    assert unit[1].tolist() == [0, 0]
+    assert unit[2].tolist() == pytest.approx([2**-0.5, 2**-0.5])
