@@ -18,6 +18,7 @@ from .api import api
 from .auth import check_api_key
 from .config import Config, load_config
 from .errors import register_error_handlers
+from .metrics import init_metrics
 from .offload import CpuPool
 
 __version__ = "0.1.0"
@@ -59,6 +60,7 @@ def create_app(config: Config | None = None, embedder: Embedder | None = None) -
         ),
     )
     register_error_handlers(app)
+    init_metrics(app)  # first, so its timer also sees requests refused by auth
     _register_cors_and_auth(app, config)
     app.register_blueprint(api)
     return app

@@ -11,6 +11,7 @@ from pipeline.runner import drain, run
 from pipeline.types import DedupeRequest, StageError
 
 from . import jsonio
+from .metrics import StreamTracker, observe
 from .streaming import sse_frames
 from .validate import ApiError, check_model_dimension, parse_request
 
@@ -50,7 +51,7 @@ def health() -> Response:
 def dedupe() -> Response:
     started, dedupe_request = _read_request()
     try:
-        result = drain(_run(dedupe_request, started))
+        result = drain(_run(dedupe_request, started, "/v1/dedupe"))
     except StageError as exc:
         if isinstance(exc.__cause__, ModelUnavailable):
             raise ApiError(503, exc.message) from exc
@@ -61,9 +62,17 @@ def dedupe() -> Response:
 
 @api.post("/v1/dedupe/stream")
 def dedupe_stream() -> Response:
+    endpoint = "/v1/dedupe/stream"
     started, dedupe_request = _read_request()
-    frames = sse_frames(_run(dedupe_request, started), current_app.extensions["distill"].heartbeat_s)
-    return Response(frames, mimetype="text/event-stream", headers=SSE_HEADERS)
+    tracker = StreamTracker(request.environ, endpoint)
+    frames = sse_frames(
+        _run(dedupe_request, started, endpoint),
+        current_app.extensions["distill"].heartbeat_s,
+        tracker.on_end,
+    )
+    response = Response(frames, mimetype="text/event-stream", headers=SSE_HEADERS)
+    response.call_on_close(tracker.close)
+    return response
 
 
 def _read_request() -> tuple[float, DedupeRequest]:
@@ -84,8 +93,9 @@ def _read_request() -> tuple[float, DedupeRequest]:
     return started, dedupe_request
 
 
-def _run(dedupe_request: DedupeRequest, started: float):
+def _run(dedupe_request: DedupeRequest, started: float, endpoint: str):
     service = current_app.extensions["distill"]
-    return run(
+    events = run(
         dedupe_request, service.embedder, service.defaults, service.offload, started=started
     )
+    return observe(events, endpoint, request.environ)
