@@ -62,6 +62,7 @@ worker_connections = 1000
 timeout = 120  # a worker whose loop is blocked this long is restarted (CPU runs off-loop)
 graceful_timeout = 60  # SIGTERM: started streams get this long to finish
 keepalive = 5
+control_socket_disable = True  # no runtime control socket: nothing uses it, and several servers can share a host
 accesslog = None  # the app writes one richer line per request (with chunk counts)
 errorlog = "-"
 loglevel = os.environ.get("LOG_LEVEL", "info")
