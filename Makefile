@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN = $(VENV)/bin
 INSTALLED = $(VENV)/.installed
 
-.PHONY: install run test test-e2e bench clean
+.PHONY: install run test bench eval-quality clean
 
 install: $(INSTALLED)
 
@@ -23,6 +23,9 @@ test: install
 
 bench: install
 	$(BIN)/python -m bench
+
+eval-quality: install
+	$(BIN)/python -m bench.quality
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

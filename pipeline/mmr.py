@@ -18,12 +18,11 @@ def mmr_order(unit: np.ndarray, relevance: np.ndarray, lambda_: float, k: int) -
     gain = lambda_ * np.asarray(relevance, dtype=np.float64)
     redundancy = np.zeros(m)  # max(0, max similarity to anything picked)
     available = np.ones(m, dtype=bool)
-    wide = unit.astype(np.float64)
     picks: list[int] = []
     for _ in range(k):
         value = np.where(available, gain - (1 - lambda_) * redundancy, -np.inf)
         pick = int(np.argmax(value))
         picks.append(pick)
         available[pick] = False
-        np.maximum(redundancy, wide @ wide[pick], out=redundancy)
+        np.maximum(redundancy, unit @ unit[pick], out=redundancy)  # float32 product
     return picks

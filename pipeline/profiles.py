@@ -11,7 +11,7 @@ from __future__ import annotations
 from .embed import BUNDLED_MODEL
 
 GO_THRESHOLD = 0.15
-CALIBRATED_THRESHOLDS = {BUNDLED_MODEL: 0.26}
+CALIBRATED_THRESHOLDS = {BUNDLED_MODEL: 0.255}  # `make eval-quality` prints how
 
 
 def model_threshold(model_name: str) -> float:

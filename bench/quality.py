@@ -1,0 +1,178 @@
+"""`make eval-quality`: how well "duplicate" decisions match people's, on STS-B.
+
+Pairs with gold similarity >= 4 are duplicates, <= 2 distinct, the rest are
+ignored. The model threshold is tuned on train (best F1 with precision >=
+0.95) and checked on dev. Every decision goes through the pipeline's own
+code: the bundled model, `distance_matrix`, `apply_number_guard` and, for the
+rows at default settings, the stage runner itself.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.cluster import distance_matrix
+from pipeline.embed import BUNDLED_MODEL, FastEmbedModel
+from pipeline.guards import apply_number_guard
+from pipeline.profiles import GO_THRESHOLD, model_threshold
+from pipeline.runner import Defaults, drain, run
+from pipeline.types import Chunk, DedupeRequest
+
+from .common import table
+
+DATA = Path(os.environ.get("DISTILL_STSB_DIR", Path(__file__).resolve().parents[2] / "shared" / "data" / "stsb"))
+MIN_PRECISION = 0.95
+SWEEP = np.round(np.arange(0.05, 0.501, 0.005), 3)
+
+
+@dataclass
+class Pairs:
+    left: list[str]
+    right: list[str]
+    duplicate: np.ndarray  # (m,) bool
+
+    @classmethod
+    def load(cls, split: str) -> "Pairs":
+        left, right, duplicate = [], [], []
+        with open(DATA / f"sts-{split}.csv", encoding="utf-8") as f:
+            for row in csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE):
+                gold = float(row[4])
+                if 2.0 < gold < 4.0:
+                    continue
+                left.append(row[5])
+                right.append(row[6])
+                duplicate.append(gold >= 4.0)
+        return cls(left, right, np.array(duplicate))
+
+
+class PrecomputedModel:
+    """The real model's vectors, computed once for every sentence and served from memory."""
+
+    def __init__(self, model: FastEmbedModel, texts: list[str]):
+        self.name, self.batch_size = model.name, 256
+        unique = sorted(set(texts))
+        vectors = np.vstack([model.embed(unique[k : k + 16]) for k in range(0, len(unique), 16)])
+        self.vectors = dict(zip(unique, vectors))
+
+    def dim(self) -> int:
+        return 384
+
+    def embed(self, texts):
+        return np.vstack([self.vectors[t] for t in texts])
+
+
+def pair_distances(pairs: Pairs, model: PrecomputedModel, guard: bool) -> np.ndarray:
+    """Each pair's clustering distance, computed as the pipeline computes it."""
+    out = np.empty(len(pairs.left))
+    for k, (a, b) in enumerate(zip(pairs.left, pairs.right)):
+        distances = distance_matrix(model.embed([a, b]))
+        if guard:
+            apply_number_guard(distances, [a, b], 2.0)
+        out[k] = distances[0, 1]
+    return out
+
+
+def scores(merged: np.ndarray, duplicate: np.ndarray) -> dict[str, float]:
+    true_pos = np.sum(merged & duplicate)
+    precision = true_pos / max(1, merged.sum())
+    recall = true_pos / max(1, duplicate.sum())
+    f1 = 2 * precision * recall / max(1e-12, precision + recall)
+    false_merge = np.sum(merged & ~duplicate) / max(1, (~duplicate).sum())
+    return {"P": precision, "R": recall, "F1": f1, "distinct merged": false_merge}
+
+
+def tune(distances: np.ndarray, duplicate: np.ndarray) -> float:
+    """Best F1 among thresholds whose precision is >= MIN_PRECISION."""
+    best, best_f1 = float(SWEEP[0]), -1.0
+    for t in SWEEP:
+        s = scores(distances <= t, duplicate)
+        if s["P"] >= MIN_PRECISION and s["F1"] > best_f1:
+            best, best_f1 = float(t), s["F1"]
+    return best
+
+
+def runner_merges(pairs: Pairs, model: PrecomputedModel, **fields) -> np.ndarray:
+    """Merged or not, by running the stage runner on each pair at default settings."""
+    merged = []
+    for a, b in zip(pairs.left, pairs.right):
+        request = DedupeRequest(chunks=(Chunk(text=a), Chunk(text=b)), **fields)
+        merged.append(drain(run(request, model, Defaults())).cluster_count == 1)
+    return np.array(merged)
+
+
+def context_level(pairs: Pairs, model: PrecomputedModel, contexts: int = 40, seed: int = 0) -> dict:
+    """Contexts of 50 chunks (25 pairs, duplicates and distinct mixed) through the runner.
+
+    Judged on what a user gets back: a removed chunk is right when its
+    partner is its duplicate (precision); a duplicate pair is caught when at
+    most one of the two survives (recall); `distinct lost` is the share of
+    chunks from distinct pairs that were removed.
+    """
+    rng = random.Random(seed)
+    removed = justified = caught = duplicates = lost = distinct = 0
+    for _ in range(contexts):
+        picked = rng.sample(range(len(pairs.left)), 25)
+        texts = [t for k in picked for t in (pairs.left[k], pairs.right[k])]
+        chunks = tuple(Chunk(id=str(i), text=t) for i, t in enumerate(texts))
+        kept = {int(c.id) for c in drain(run(DedupeRequest(chunks=chunks), model, Defaults())).chunks}
+        for p, k in enumerate(picked):
+            gone = [i not in kept for i in (2 * p, 2 * p + 1)]
+            removed += sum(gone)
+            if pairs.duplicate[k]:
+                justified += sum(gone)
+                duplicates += 1
+                caught += any(gone)
+            else:
+                distinct += 2
+                lost += sum(gone)
+    precision, recall = justified / max(1, removed), caught / max(1, duplicates)
+    return {
+        "P": precision,
+        "R": recall,
+        "F1": 2 * precision * recall / max(1e-12, precision + recall),
+        "distinct lost": lost / max(1, distinct),
+    }
+
+
+def main() -> None:
+    model = FastEmbedModel()
+    splits = {name: Pairs.load(name) for name in ("train", "dev")}
+    every_text = [t for p in splits.values() for t in p.left + p.right]
+    precomputed = PrecomputedModel(model, every_text)
+    raw = {n: pair_distances(p, precomputed, guard=False) for n, p in splits.items()}
+    guarded = {n: pair_distances(p, precomputed, guard=True) for n, p in splits.items()}
+    alone_t = tune(raw["train"], splits["train"].duplicate)
+    guarded_t = tune(guarded["train"], splits["train"].duplicate)
+    shipped_t = model_threshold(BUNDLED_MODEL)
+    rows = []
+    for name, pairs in splits.items():
+        settings = [
+            (f"Go mode: {GO_THRESHOLD}, no guard", raw[name] <= GO_THRESHOLD),
+            (f"threshold alone (tuned): {alone_t}", raw[name] <= alone_t),
+            (f"number guard + tuned threshold: {guarded_t}", guarded[name] <= guarded_t),
+            (f"model mode as shipped: {shipped_t} + guard (runner)", runner_merges(pairs, precomputed)),
+        ]
+        for label, merged in settings:
+            s = scores(merged, pairs.duplicate)
+            rows.append([name, label, s["P"], s["R"], s["F1"], s["distinct merged"]])
+    table(
+        "STS-B pairs (gold >= 4 duplicate, <= 2 distinct); thresholds tuned on train only",
+        ["split", "setting", "P", "R", "F1", "distinct merged"],
+        [[r[0], r[1]] + [f"{v:.3f}" for v in r[2:]] for r in rows],
+    )
+    context = context_level(splits["dev"], precomputed)
+    table(
+        "Dev contexts of 50 chunks (25 pairs), model mode as shipped, 40 contexts",
+        ["P (removals justified)", "R (duplicate pairs caught)", "F1", "distinct chunks lost"],
+        [[f"{context[k]:.3f}" for k in ("P", "R", "F1", "distinct lost")]],
+    )
+
+
+if __name__ == "__main__":
+    main()
