@@ -6,7 +6,11 @@ import numpy as np
 import pytest
 
 from pipeline.cluster import cluster_labels
+from pipeline.embed import BUNDLED_MODEL
 from pipeline.guards import apply_number_guard, numbers_in
+from pipeline.profiles import model_threshold
+from pipeline.runner import drain, run
+from pipeline.types import Chunk, DedupeRequest
 
 
 @pytest.mark.parametrize(
@@ -66,10 +70,18 @@ def test_separated_counts_only_pairs_within_threshold():
 def test_a_guarded_pair_is_not_merged_through_a_third_chunk():
     texts = ["Revenue rose 3% this year.", "Revenue rose this year.", "Revenue rose 5% this year."]
     distances = np.array([[0, 0.1, 0.12], [0.1, 0, 0.1], [0.12, 0.1, 0]], dtype=np.float32)
-    assert cluster_labels(distances.copy(), 0.26).tolist() == [0, 0, 0]  # without the guard
-    apply_number_guard(distances, texts, 0.26)
-    labels = cluster_labels(distances, 0.26)
+    threshold = model_threshold(BUNDLED_MODEL)
+    assert cluster_labels(distances.copy(), threshold).tolist() == [0, 0, 0]  # without the guard
+    apply_number_guard(distances, texts, threshold)
+    labels = cluster_labels(distances, threshold)
     assert labels[0] != labels[2]
+
+
+def test_the_real_model_with_defaults_keeps_different_numbers(embedder):
+    texts = ["Revenue rose 3% this year.", "Revenue rose this year.", "Revenue rose 5% this year."]
+    request = DedupeRequest(chunks=tuple(Chunk(id=str(i), text=t) for i, t in enumerate(texts)))
+    kept = [c.text for c in drain(run(request, embedder)).chunks]
+    assert texts[0] in kept and texts[2] in kept
 
 
 def test_guard_is_vectorised_across_blocks():
