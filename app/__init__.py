@@ -46,7 +46,7 @@ class Service:
 
 def create_app(config: Config | None = None, embedder: Embedder | None = None) -> Flask:
     config = load_config() if config is None else config
-    app = Flask(__name__)
+    app = Flask(__name__, static_folder=None)  # an API: no /static route
     app.config["MAX_CONTENT_LENGTH"] = config.max_body_bytes
     app.json.sort_keys = False  # Go's struct order, never alphabetical
     app.extensions["distill"] = Service(

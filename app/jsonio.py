@@ -8,6 +8,7 @@ writes floats in shortest form, so a score of 0.9 comes back as 0.9.
 from __future__ import annotations
 
 import json
+import math
 import re
 from typing import Any
 
@@ -33,7 +34,11 @@ def loads(raw: bytes) -> Any:
             raise JSONError(str(exc)) from None
     try:
         text = raw.decode("utf-8")
-        return _replace_surrogates(json.loads(text, parse_constant=_refuse_constant))
+        return _replace_surrogates(
+            json.loads(
+                text, parse_constant=_refuse_constant, parse_float=_float, parse_int=_int
+            )
+        )
     except (UnicodeDecodeError, ValueError) as exc:
         raise JSONError(str(exc)) from None
 
@@ -45,6 +50,20 @@ def dumps(obj: Any) -> bytes:
 
 def _refuse_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
+
+
+def _float(literal: str) -> float:
+    """As orjson: a number beyond float64 is an error, not infinity."""
+    value = float(literal)
+    if math.isinf(value):
+        raise ValueError(f"number {literal[:20]} is out of range")
+    return value
+
+
+def _int(literal: str) -> int | float:
+    """As orjson: an integer beyond 64 bits becomes a float (or an error beyond float64)."""
+    value = int(literal)
+    return value if -(2**63) <= value < 2**64 else _float(literal)
 
 
 def _replace_surrogates(value: Any) -> Any:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import binascii
 import math
+import sys
 from typing import Any
 
 import numpy as np
@@ -97,14 +98,17 @@ def _optional_string(value: Any, where: str) -> str | None:
     raise bad(f"{where} must be a string")
 
 
-def _is_number(value: Any) -> bool:
-    return type(value) in _NUMBER_TYPES  # bool is not a number here
+def _is_finite_number(value: Any) -> bool:
+    """A JSON number a float64 can hold, as Go's decoder requires (bool is not a number)."""
+    if type(value) is float:
+        return math.isfinite(value)
+    return type(value) is int and -sys.float_info.max <= value <= sys.float_info.max
 
 
 def _score(value: Any, where: str) -> int | float:
     if value is None:
         return 0
-    if not _is_number(value) or not math.isfinite(value):
+    if not _is_finite_number(value):
         raise bad(f"{where} must be a finite number")
     if isinstance(value, int) and not -(2**63) <= value < 2**63:
         return float(value)  # as Go's float64; the encoder cannot write a bigger int
@@ -121,7 +125,8 @@ def _embedding(value: Any, where: str) -> np.ndarray | None:
         if not set(map(type, value)) <= _NUMBER_TYPES:
             raise bad(f"{where} must be an array of numbers")
         try:
-            vector = np.array(value, dtype=np.float64).astype(np.float32)
+            with np.errstate(over="ignore"):  # too big for float32 -> inf -> refused below
+                vector = np.array(value, dtype=np.float64).astype(np.float32)
         except OverflowError:
             raise bad(f"{where} must contain finite numbers") from None
     else:
@@ -154,8 +159,8 @@ def _zero_is_default(body: dict, name: str, high: float) -> float | None:
     value = body.get(name)
     if value is None:
         return None
-    if not _is_number(value) or not math.isfinite(value):
-        raise bad(f"{name} must be a number")
+    if not _is_finite_number(value):
+        raise bad(f"{name} must be a finite number")
     if value < 0 or value > high:
         raise bad(f"{name} must be between 0 and {high:g}, got {value}")
     return None if value == 0 else float(value)
