@@ -46,6 +46,23 @@ def _int_env(name: str, default: int) -> int:
     return value
 
 
+def post_worker_init(worker):
+    """On SIGTERM, give open streams a deadline a little inside the graceful timeout,
+    so one that cannot finish ends with an `error` event before gunicorn closes it."""
+    import signal
+
+    from app.streaming import draining
+
+    stop_accepting = worker.handle_exit
+
+    def handle_exit(sig, frame):
+        margin = min(2.0, worker.cfg.graceful_timeout / 2)
+        draining.start(worker.cfg.graceful_timeout - margin)
+        stop_accepting(sig, frame)
+
+    signal.signal(signal.SIGTERM, handle_exit)
+
+
 def child_exit(server, worker):
     """A dead worker's live gauges (active requests) must stop counting."""
     from prometheus_client import multiprocess

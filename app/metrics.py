@@ -21,6 +21,8 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from pipeline.types import Result, StageEvent
 
+from .streaming import ShuttingDown
+
 # .005 ... 5 as the Go service; 10-120 s added because a large stream lasts that long.
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 RATIO_BUCKETS = tuple(round(0.1 * i, 1) for i in range(11))
@@ -124,6 +126,8 @@ class StreamTracker:
     def on_end(self, outcome: Any) -> None:
         if isinstance(outcome, Result):
             self.status = "200"
+        elif isinstance(outcome, ShuttingDown):
+            self.status = "503"
         elif outcome is not None:
             self.status = "500"
 

@@ -13,6 +13,7 @@ runner greenlet is killed: no further step or stage runs for it.
 from __future__ import annotations
 
 import logging
+import time
 from typing import Callable, Iterator
 
 import gevent
@@ -24,6 +25,7 @@ from sse import Writer
 log = logging.getLogger(__name__)
 
 INTERNAL_ERROR = "internal error"
+SHUTTING_DOWN = "server shutting down before the stream could finish"
 
 
 def sse_frames(
@@ -34,20 +36,28 @@ def sse_frames(
     """SSE frames for one run: progress events, then exactly one `complete` or `error`.
 
     `on_end` learns the outcome: the result, the error, or None when the
-    client left first.
+    client left first. When the server is draining and the stream cannot
+    finish before the deadline, it ends with an `error` event in time.
     """
     writer = Writer()
     channel: Channel = Channel()
     producer = gevent.spawn(_produce, events, channel)
     outcome: Result | StageError | None = None
+    stage = ""
     try:
         while True:
+            if draining.past_deadline():
+                outcome = ShuttingDown(stage, SHUTTING_DOWN)
+                yield writer.error(outcome.message, outcome.stage)
+                return
             try:
-                item = channel.get(timeout=heartbeat_s)
+                item = channel.get(timeout=_wait_limit(heartbeat_s))
             except Empty:
-                yield writer.heartbeat()
+                if not draining.past_deadline():
+                    yield writer.heartbeat()
                 continue
             if isinstance(item, StageEvent):
+                stage = item.stage
                 yield writer.progress(item.stage, item.progress, item.stats)
             elif isinstance(item, Result):
                 outcome = item
@@ -60,6 +70,39 @@ def sse_frames(
     finally:
         producer.kill(block=False)
         on_end(outcome)
+
+
+class ShuttingDown(StageError):
+    """The server stopped before this stream could finish."""
+
+
+class Draining:
+    """Graceful shutdown: a deadline by which every open stream must have ended.
+
+    gunicorn force-closes connections when its graceful timeout runs out; a
+    stream still computing then gets an `error` event first, never a cut.
+    """
+
+    def __init__(self) -> None:
+        self.deadline: float | None = None
+
+    def start(self, seconds: float) -> None:
+        self.deadline = time.monotonic() + seconds
+
+    def seconds_left(self) -> float | None:
+        return None if self.deadline is None else self.deadline - time.monotonic()
+
+    def past_deadline(self) -> bool:
+        left = self.seconds_left()
+        return left is not None and left <= 0
+
+
+draining = Draining()
+
+
+def _wait_limit(heartbeat_s: float) -> float:
+    left = draining.seconds_left()
+    return heartbeat_s if left is None else max(0.0, min(heartbeat_s, left))
 
 
 def _produce(events: Iterator[StageEvent | Result], channel: Channel) -> None:
