@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN = $(VENV)/bin
 INSTALLED = $(VENV)/.installed
 
-.PHONY: install run test bench eval-quality clean
+.PHONY: install run test test-load bench eval-quality clean
 
 install: $(INSTALLED)
 
@@ -23,6 +23,9 @@ test: install
 
 bench: install
 	$(BIN)/python -m bench
+
+test-load: install
+	$(BIN)/python -m bench.load
 
 eval-quality: install
 	$(BIN)/python -m bench.quality
