@@ -90,6 +90,23 @@ class SSEParser:
         return None
 
 
+class FaultInjectingModel:
+    """Fault injection (not a stand-in): the real model, except that `embed` fails.
+
+    A stage that raises cannot be produced with valid input on purpose, so
+    this is how the tests make one fail.
+    """
+
+    def __init__(self, model):
+        self.model, self.name, self.batch_size = model, model.name, model.batch_size
+
+    def dim(self) -> int:
+        return self.model.dim()
+
+    def embed(self, texts):
+        raise RuntimeError("injected fault")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
