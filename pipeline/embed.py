@@ -17,6 +17,7 @@ import logging
 import os
 import tempfile
 import threading
+from collections import OrderedDict
 from importlib import metadata
 from pathlib import Path
 from typing import Protocol, Sequence
@@ -155,3 +156,41 @@ def l2_normalise(vectors: np.ndarray) -> np.ndarray:
     norms = np.linalg.norm(wide, axis=1, keepdims=True)
     unit = np.divide(wide, norms, out=np.zeros_like(wide), where=norms > 0)
     return unit.astype(np.float32)
+
+
+class EmbeddingCache:
+    """A bounded LRU of text -> vector, shared by the requests of one process.
+
+    Agents and RAG loops resend the same chunks turn after turn; a hit skips
+    the model (milliseconds per text). Safe for determinism because the model
+    gives bit-identical vectors for a text whatever batch it is in (a test
+    checks this). Thread-safe: embedding batches run on a thread pool.
+    """
+
+    def __init__(self, size: int):
+        self.size = size
+        self._vectors: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get_many(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
+        found = {}
+        with self._lock:
+            for text in texts:
+                vector = self._vectors.get(text)
+                if vector is not None:
+                    self._vectors.move_to_end(text)
+                    found[text] = vector
+        return found
+
+    def put_many(self, vectors: dict[str, np.ndarray]) -> None:
+        if self.size <= 0:
+            return
+        with self._lock:
+            for text, vector in vectors.items():
+                self._vectors[text] = vector
+                self._vectors.move_to_end(text)
+            while len(self._vectors) > self.size:
+                self._vectors.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._vectors)

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from pipeline.embed import (
+    EmbeddingCache,
     FastEmbedModel,
     ModelUnavailable,
     bundled_model_dir,
@@ -35,10 +36,27 @@ def test_paraphrases_are_closer_than_unrelated_sentences(embedder):
 
 
 def test_vectors_do_not_depend_on_batch_neighbours(embedder):
-    texts = ["short", "a considerably longer sentence about the weather in spring"]
+    """Bit for bit: what makes the embedding cache safe for determinism."""
+    texts = ["short", "a considerably longer sentence about the weather in spring", "word " * 300]
     together = embedder.embed(texts)
     alone = np.vstack([embedder.embed([t]) for t in texts])
-    assert np.allclose(together, alone, atol=1e-5)
+    assert np.array_equal(together, alone)
+
+
+def test_cache_keeps_the_most_recently_used_texts():
+    cache = EmbeddingCache(2)
+    a, b, c = (np.full(2, k, dtype=np.float32) for k in range(3))
+    cache.put_many({"a": a, "b": b})
+    assert set(cache.get_many(["a"])) == {"a"}  # "a" is now the most recent
+    cache.put_many({"c": c})
+    assert set(cache.get_many(["a", "b", "c"])) == {"a", "c"}
+    assert len(cache) == 2
+
+
+def test_cache_of_size_zero_stores_nothing():
+    cache = EmbeddingCache(0)
+    cache.put_many({"a": np.zeros(2, dtype=np.float32)})
+    assert cache.get_many(["a"]) == {} and len(cache) == 0
 
 
 def test_very_long_text_is_truncated_not_an_error(embedder):
