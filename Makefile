@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN = $(VENV)/bin
 INSTALLED = $(VENV)/.installed
 
-.PHONY: install run test test-load bench eval-quality clean
+.PHONY: install run test test-fuzz test-load bench eval-quality clean
 
 install: $(INSTALLED)
 
@@ -20,6 +20,9 @@ run: install
 
 test: install
 	$(BIN)/python -m pytest -q
+
+test-fuzz: install
+	$(BIN)/python -m pytest -q tests/fuzz_gunicorn.py
 
 bench: install
 	$(BIN)/python -m bench

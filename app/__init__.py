@@ -7,6 +7,7 @@ given); the embedding model loads lazily, once per process, on first use.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from flask import Flask, Response, request
 
@@ -15,11 +16,16 @@ from pipeline.profiles import model_threshold
 from pipeline.runner import Defaults, Offload
 
 from .api import api
+from .openapi import openapi
 from .auth import check_api_key
 from .config import Config, load_config
 from .errors import register_error_handlers
 from .metrics import init_metrics
 from .offload import CpuPool
+from .tracing import init_tracing
+
+if TYPE_CHECKING:
+    from opentelemetry.sdk.trace import TracerProvider
 
 __version__ = "0.1.0"
 
@@ -44,7 +50,11 @@ class Service:
         return self.config.sse_heartbeat_s
 
 
-def create_app(config: Config | None = None, embedder: Embedder | None = None) -> Flask:
+def create_app(
+    config: Config | None = None,
+    embedder: Embedder | None = None,
+    tracer_provider: TracerProvider | None = None,
+) -> Flask:
     config = load_config() if config is None else config
     app = Flask(__name__, static_folder=None)  # an API: no /static route
     app.config["MAX_CONTENT_LENGTH"] = config.max_body_bytes
@@ -61,8 +71,10 @@ def create_app(config: Config | None = None, embedder: Embedder | None = None) -
     )
     register_error_handlers(app)
     init_metrics(app)  # first, so its timer also sees requests refused by auth
+    init_tracing(app, tracer_provider)  # off unless OTEL_* (or a test's provider) asks
     _register_cors_and_auth(app, config)
     app.register_blueprint(api)
+    app.register_blueprint(openapi)
     return app
 
 

@@ -13,6 +13,7 @@ from pipeline.types import DedupeRequest, StageError
 from . import jsonio
 from .metrics import StreamTracker, observe
 from .streaming import sse_frames
+from .tracing import traced
 from .validate import ApiError, check_model_dimension, parse_request
 
 api = Blueprint("api", __name__)
@@ -28,6 +29,7 @@ ENDPOINTS = {
     "GET /health": "liveness",
     "GET /metrics": "Prometheus metrics",
     "GET /": "this index",
+    "GET /openapi.json": "this API's OpenAPI 3.1 document",
 }
 
 
@@ -98,4 +100,4 @@ def _run(dedupe_request: DedupeRequest, started: float, endpoint: str):
     events = run(
         dedupe_request, service.embedder, service.defaults, service.offload, started=started
     )
-    return observe(events, endpoint, request.environ)
+    return traced(observe(events, endpoint, request.environ), dedupe_request)

@@ -141,6 +141,8 @@ def _from_base64(value: str, where: str) -> np.ndarray:
         raw = base64.b64decode(value, validate=True)
     except (binascii.Error, ValueError):
         raise bad(f"{where} is not valid base64") from None
+    if len(value) != 4 * -(-len(raw) // 3):  # b64decode ignores '=' after full groups
+        raise bad(f"{where} is not valid base64 (extra padding)")
     if len(raw) % 4:
         raise bad(f"{where} must decode to whole float32 values ({len(raw)} bytes)")
     return np.frombuffer(raw, dtype="<f4").astype(np.float32)
