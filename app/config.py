@@ -28,6 +28,7 @@ class Config:
     lambda_: float = 0.5
     model_threshold: float | None = None  # None: the model's calibrated value
     embedding_model: str = BUNDLED_MODEL
+    embed_cache_size: int = 2048  # texts per worker; ~1.5 KB of vector each, plus the text
     max_chunks: int = 10_000
     max_body_bytes: int = 64 * MIB
     sse_heartbeat_s: float = 10.0
@@ -53,6 +54,7 @@ def load_config(env: Mapping[str, str] | None = None) -> Config:
         lambda_=read("DISTILL_LAMBDA", _bounded(0, 1, open_low=True), defaults.lambda_),
         model_threshold=read("DISTILL_MODEL_THRESHOLD", _bounded(0, 2, open_low=True), None),
         embedding_model=read("DISTILL_EMBEDDING_MODEL", str, defaults.embedding_model),
+        embed_cache_size=read("DISTILL_EMBED_CACHE_SIZE", _count, defaults.embed_cache_size),
         max_chunks=read("DISTILL_MAX_CHUNKS", _positive_int, defaults.max_chunks),
         max_body_bytes=read("DISTILL_MAX_BODY_BYTES", _positive_int, defaults.max_body_bytes),
         sse_heartbeat_s=read(
@@ -72,6 +74,13 @@ def _positive_int(raw: str) -> int:
     value = int(raw)
     if value <= 0:
         raise ValueError("must be a positive integer")
+    return value
+
+
+def _count(raw: str) -> int:
+    value = int(raw)
+    if value < 0:
+        raise ValueError("must be an integer >= 0")
     return value
 
 

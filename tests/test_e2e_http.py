@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import sys
 
 import pytest
 
-from .support import Server, SSEParser, read_events, synthetic_texts
+from .support import ROOT, Server, SSEParser, read_events, synthetic_texts
 
 pytestmark = pytest.mark.e2e
 
@@ -129,3 +130,18 @@ def test_a_client_that_disconnects_stops_the_work(server):
     assert after.get(embedded, 0) == before.get(embedded, 0)  # embedding never finished
     status, _ = server.post("/v1/dedupe", SMALL)  # and the worker serves the next request
     assert status == 200
+
+
+@pytest.mark.parametrize(
+    "variable, value",
+    [("DISTILL_MAX_CHUNKS", "lots"), ("DISTILL_THRESHOLD", "3"), ("WEB_CONCURRENCY", "0")],
+)
+def test_a_bad_setting_stops_gunicorn_at_once_naming_the_variable(variable, value):
+    server = Server(**{variable: value})
+    finished = subprocess.run(
+        [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py"],
+        cwd=ROOT, env=server.env, capture_output=True, text=True, timeout=60,
+    )
+    assert finished.returncode != 0
+    lines = [line for line in finished.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and variable in lines[0] and "Traceback" not in finished.stderr
