@@ -68,7 +68,7 @@ def sse_frames(
                 yield writer.error(item.message, item.stage)
                 return
     finally:
-        producer.kill(block=False)
+        producer.kill()  # waits until it is gone: its current step cannot start another
         on_end(outcome)
 
 
