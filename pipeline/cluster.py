@@ -4,15 +4,35 @@ scipy's `linkage` + `fcluster(t, 'distance')` gives the same partition as the
 naive loop "merge the closest pair of clusters while their linkage distance is
 <= t" (average, single and complete linkage have no inversions), in O(n²)
 instead of the Go service's O(n³).
+
+Large n: no cluster at cut t spans two connected components of the graph
+"distance <= t" (a linkage distance is never below the single-linkage one), so
+`Clustering` finds those components from row tiles of similarities, keeping
+only the edges, and runs the linkage inside each component: memory is one
+tile plus the largest component's matrix instead of n².
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
+from scipy import sparse
 from scipy.cluster.hierarchy import fcluster, linkage
+from scipy.sparse.csgraph import connected_components
 from scipy.spatial.distance import squareform
 
+if TYPE_CHECKING:
+    from .guards import NumberGuard
+
 MAX_DISTANCE = 2.0
+FULL_MATRIX_MAX_N = 4000  # up to here one (n, n) matrix (64 MB); above, row tiles
+TILE_BYTES = 128 << 20  # float32 similarities held per tile
+TILE_MACS = 10**10  # multiply-adds per tile: ~0.1 s of GEMM on one core
+BATCH_ROWS = 1024  # small components share one distance matrix, up to this many rows
+EDGE_EPS = 1e-5  # tile edges are kept up to t + EDGE_EPS: BLAS rounding cannot lose one
+TILE_SHARE = 0.9  # of the reported progress, when there are tiles
+_PENDING_EDGES = 1 << 22
 
 
 def distance_matrix(unit: np.ndarray) -> np.ndarray:
@@ -32,17 +52,40 @@ def distance_matrix(unit: np.ndarray) -> np.ndarray:
     return distances
 
 
+def float32_cutoff(threshold: float) -> np.float32:
+    """The largest float32 c with c <= threshold: for a float32 distance d,
+    `d <= c` is exactly fcluster's float64 test `d <= threshold`."""
+    cutoff = np.float32(threshold)
+    if float(cutoff) > threshold:
+        cutoff = np.nextafter(cutoff, np.float32(-np.inf))
+    return cutoff
+
+
 def cluster_labels(distances: np.ndarray, threshold: float, method: str = "average") -> np.ndarray:
     """(n,) int labels 0..k-1, numbered in the order of each cluster's first member.
 
-    `distances`: (n, n) symmetric, zero diagonal; only the upper triangle is read.
+    `distances`: (n, n) symmetric, zero diagonal. The linkage runs separately in
+    each connected component of "distance <= threshold" (the same cut: see the
+    module docstring). This also makes exact ties come out the same whatever
+    lies outside a component: scipy's nn-chain breaks ties along a chain that
+    can wander through other components, so on the whole matrix equal
+    distances could merge differently from the tiled path.
     """
     n = distances.shape[0]
-    if n == 1:
-        return np.zeros(1, dtype=np.int64)
-    condensed = squareform(distances, checks=False, force="tovector").astype(np.float64)
-    tree = linkage(condensed, method=method)
-    return first_member_order(fcluster(tree, t=threshold, criterion="distance"))
+    _, component = connected_components(
+        sparse.csr_matrix(distances <= float32_cutoff(threshold)), directed=False
+    )
+    if method == "single":  # single-linkage clusters at t are exactly these components
+        return first_member_order(component)
+    labels = component.astype(np.int64)  # components of 1 or 2 members are one cluster
+    next_id = n
+    for index in _groups(component, min_size=3):
+        sub = distances if len(index) == n else distances[np.ix_(index, index)]
+        condensed = squareform(sub, checks=False, force="tovector").astype(np.float64)
+        cut = fcluster(linkage(condensed, method=method), t=threshold, criterion="distance")
+        labels[index] = next_id + cut
+        next_id += int(cut.max()) + 1
+    return first_member_order(labels)
 
 
 def first_member_order(labels: np.ndarray) -> np.ndarray:
@@ -58,3 +101,196 @@ def members(labels: np.ndarray) -> list[np.ndarray]:
     order = np.argsort(labels, kind="stable")
     bounds = np.cumsum(np.bincount(labels))[:-1]
     return np.split(order, bounds)
+
+
+class Clustering:
+    """Exact clustering of n unit vectors as bounded steps a caller drives.
+
+    `step()` does one unit of work (~0.1-0.3 s) and returns the fraction done;
+    once it returns 1.0, `labels` ((n,) int, as `cluster_labels` numbers them)
+    and `guarded_pairs` are set. The result is the full-matrix result
+    (`distance_matrix`, the guard, `cluster_labels`) label for label:
+
+    * n <= full_max_n: one step does exactly that.
+    * Larger n: one step per row tile of the upper triangle of `unit @ unit.T`
+      keeps the pairs within t + EDGE_EPS that the guard lets through, and
+      unites them into components (memory: one tile, ~128 MB, plus the edges).
+      Then one step per batch of components: each component's own distance
+      matrix, guard and `cluster_labels`; small components share one matrix
+      with the pairs across them set to 2. Memory is bounded by the largest
+      component (~14 m² bytes for m members, mostly scipy's linkage).
+    * threshold >= 2: every pair merges; no distances are needed.
+    """
+
+    def __init__(
+        self,
+        unit: np.ndarray,
+        threshold: float,
+        method: str = "average",
+        guard: NumberGuard | None = None,
+        full_max_n: int | None = None,
+        tile_bytes: int | None = None,
+    ):
+        n, dim = unit.shape
+        self.unit, self.threshold, self.method, self.guard = unit, threshold, method, guard
+        self.labels: np.ndarray | None = None
+        self.guarded_pairs = 0
+        self._cutoff = float32_cutoff(threshold)
+        self._min_similarity = np.float32(1.0 - float(self._cutoff) - EDGE_EPS)
+        large = n > (FULL_MATRIX_MAX_N if full_max_n is None else full_max_n)
+        self._tiles = tile_rows(n, dim, TILE_BYTES if tile_bytes is None else tile_bytes) if large else []
+        work = np.cumsum([(r1 - r0) * (n - r0) for r0, r1 in self._tiles], dtype=np.float64)
+        self._tile_progress = TILE_SHARE * work / (work[-1] if len(work) else 1.0)
+        self._done_tiles = 0
+        self._components = _Components(n)
+        self._buffer: np.ndarray | None = None  # one tile's similarities, flat
+        self._mask: np.ndarray | None = None
+        self._batches: list[list[np.ndarray]] | None = None
+        self._done_batches = 0
+        self._raw = np.arange(n, dtype=np.int64)  # cluster ids; a batch gives its rows ids >= n
+        self._next_id = n
+
+    def step(self) -> float:
+        """Do the next unit of work; return the fraction done (1.0: finished)."""
+        if self.threshold >= MAX_DISTANCE:
+            self.labels = np.zeros(len(self.unit), dtype=np.int64)
+            self.guarded_pairs = self.guard.count_separated() if self.guard is not None else 0
+            return 1.0
+        if self._done_tiles < len(self._tiles):
+            self._run_tile(*self._tiles[self._done_tiles])
+            self._done_tiles += 1
+            return float(self._tile_progress[self._done_tiles - 1])
+        if self._batches is None:
+            self._batches = self._plan_batches()
+        if self._done_batches < len(self._batches):
+            self._run_batch(self._batches[self._done_batches])
+            self._done_batches += 1
+        if self._done_batches < len(self._batches):
+            share = TILE_SHARE if self._tiles else 0.0
+            return share + (1 - share) * self._done_batches / len(self._batches)
+        self.labels = first_member_order(self._raw)
+        return 1.0
+
+    def _run_tile(self, r0: int, r1: int) -> None:
+        """Similarities of rows r0..r1 with rows r0..n: keep the pairs i < j within t + eps."""
+        unit, width = self.unit, len(self.unit) - r0
+        entries = (r1 - r0) * width
+        if self._buffer is None:  # reused: fresh arrays of ~100 MB cost page faults every tile
+            size = max((b - a) * (len(unit) - a) for a, b in self._tiles)
+            self._buffer, self._mask = np.empty(size, dtype=np.float32), np.empty(size, dtype=bool)
+        similarities, mask = self._buffer[:entries], self._mask[:entries]
+        np.matmul(unit[r0:r1], unit[r0:].T, out=similarities.reshape(r1 - r0, width))
+        np.greater_equal(similarities, self._min_similarity, out=mask)
+        flat = np.flatnonzero(mask)  # (much faster than a 2-D np.nonzero)
+        rows, cols = np.divmod(flat, width)
+        upper = cols > rows
+        flat, first, second = flat[upper], rows[upper] + r0, cols[upper] + r0
+        if self._min_similarity <= 0:  # zero vectors are at distance 2 from everything
+            nonzero = unit[first].any(axis=1) & unit[second].any(axis=1)
+            flat, first, second = flat[nonzero], first[nonzero], second[nonzero]
+        if self.guard is not None and len(first):
+            separated = self.guard.separates(first, second)
+            self._count_guarded(first[separated], second[separated], similarities[flat[separated]])
+            first, second = first[~separated], second[~separated]
+        self._components.add(first, second)
+
+    def _count_guarded(self, first: np.ndarray, second: np.ndarray, similarities: np.ndarray) -> None:
+        """Count the guarded pairs within the threshold, as `apply_number_guard` on the full
+        matrix would. A tile's GEMM may round differently from `distance_matrix`'s product
+        (BLAS picks kernels by shape), so pairs within EDGE_EPS of the cutoff are recomputed
+        the way `distance_matrix` computes them."""
+        distances = np.clip(np.subtract(1.0, similarities), 0.0, MAX_DISTANCE)
+        self.guarded_pairs += int(np.count_nonzero(distances < self._cutoff - EDGE_EPS))
+        near = np.flatnonzero(distances >= self._cutoff - EDGE_EPS)
+        for i, j in zip(first[near], second[near]):
+            self.guarded_pairs += int(distance_matrix(self.unit[[i, j]])[0, 1] <= self._cutoff)
+
+    def _plan_batches(self) -> list[list[np.ndarray]]:
+        """Components of 2+ members (each ascending), packed into batches of <= BATCH_ROWS rows."""
+        n = len(self.unit)
+        if not self._tiles:
+            return [[np.arange(n)]] if n > 1 else []
+        groups = list(_groups(self._components.labels(), min_size=2))
+        batches: list[list[np.ndarray]] = []
+        rows = BATCH_ROWS
+        for group in groups:
+            if rows + len(group) > BATCH_ROWS:
+                batches.append([])
+                rows = 0
+            batches[-1].append(group)
+            rows += len(group)
+        return batches
+
+    def _run_batch(self, groups: list[np.ndarray]) -> None:
+        """Exact distances, guard and linkage for a few components at once."""
+        index = np.concatenate(groups)
+        distances = distance_matrix(self.unit[index])
+        if len(groups) > 1:
+            block = np.repeat(np.arange(len(groups)), [len(g) for g in groups])
+            distances[block[:, None] != block[None, :]] = MAX_DISTANCE
+        if self.guard is not None:
+            separated = self.guard.apply(distances, self.threshold, index)
+            if not self._tiles:  # in the tiled path the tiles counted them
+                self.guarded_pairs += separated
+        local = cluster_labels(distances, self.threshold, self.method)
+        self._raw[index] = self._next_id + local
+        self._next_id += int(local.max()) + 1
+
+
+def tile_rows(n: int, dim: int, tile_bytes: int = TILE_BYTES) -> list[tuple[int, int]]:
+    """Row ranges (r0, r1): tile k is rows r0..r1 against columns r0..n (the upper
+    triangle), with <= tile_bytes of float32 and <= TILE_MACS multiply-adds.
+    At least 2 rows, so every tile is a GEMM (a 1-row product takes the gemv path);
+    the last row alone has no pair above the diagonal."""
+    tiles, r0 = [], 0
+    while r0 < n - 1:
+        width = n - r0
+        rows = max(2, min(tile_bytes // 4, TILE_MACS // dim) // width)
+        tiles.append((r0, min(n, r0 + rows)))
+        r0 = tiles[-1][1]
+    return tiles
+
+
+def _groups(component: np.ndarray, min_size: int):
+    """Yield the members (ascending) of each component with at least min_size of them."""
+    sizes = np.bincount(component)
+    order = np.argsort(component, kind="stable")
+    starts = np.cumsum(sizes) - sizes
+    for c in np.flatnonzero(sizes >= min_size):
+        yield order[starts[c] : starts[c] + sizes[c]]
+
+
+class _Components:
+    """Connected components of an n-node graph whose edges arrive in batches.
+
+    Edges wait in a list and are folded into a component id per node when they
+    pile up, so memory stays O(n + pending edges) however many edges arrive.
+    """
+
+    def __init__(self, n: int):
+        self.n = n
+        self.root = np.arange(n)
+        self.pending: list[tuple[np.ndarray, np.ndarray]] = []
+        self.count = 0
+
+    def add(self, first: np.ndarray, second: np.ndarray) -> None:
+        if len(first):
+            self.pending.append((first, second))
+            self.count += len(first)
+        if self.count > _PENDING_EDGES:
+            self._fold()
+
+    def labels(self) -> np.ndarray:
+        """(n,) component id per node."""
+        self._fold()
+        return self.root
+
+    def _fold(self) -> None:
+        if not self.pending:
+            return
+        first = self.root[np.concatenate([p[0] for p in self.pending])]
+        second = self.root[np.concatenate([p[1] for p in self.pending])]
+        graph = sparse.csr_matrix((np.ones(len(first), dtype=bool), (first, second)), shape=(self.n, self.n))
+        _, component = connected_components(graph, directed=False)
+        self.root = component[self.root]
+        self.pending, self.count = [], 0

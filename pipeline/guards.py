@@ -21,7 +21,7 @@ from typing import Sequence
 import numpy as np
 from scipy import sparse
 
-from .cluster import MAX_DISTANCE
+from .cluster import MAX_DISTANCE, float32_cutoff
 
 # A sign counts only where it is not a hyphen inside a word or a range ("2-3");
 # digits glued to a word ("covid19", "v1.2") are names, not quantities.
@@ -46,25 +46,65 @@ def apply_number_guard(distances: np.ndarray, texts: Sequence[str], threshold: f
     """Set every guarded pair's distance to 2, in place; return how many it separated.
 
     A pair counts as separated when its distance was within `threshold`
-    (a merge the guard prevented). Vectorised in row blocks so memory stays
-    O(block · n) beyond the distance matrix itself.
+    (a merge the guard prevented).
     """
-    sets = [numbers_in(t) for t in texts]
-    numbered = np.flatnonzero([bool(s) for s in sets])
-    if len(numbered) < 2:
-        return 0
-    incidence = _incidence([sets[i] for i in numbered])
-    counts = np.asarray(incidence.sum(axis=1)).ravel()
-    separated = 0
-    for start in range(0, len(numbered), _BLOCK_ROWS):
-        rows = slice(start, start + _BLOCK_ROWS)
-        shared = (incidence[rows] @ incidence.T).toarray()
-        guarded = (counts[rows, None] > shared) & (counts[None, :] > shared)
-        block = np.ix_(numbered[rows], numbered)
-        current = distances[block]
-        separated += int(np.count_nonzero(guarded & (current <= threshold)))
-        distances[block] = np.where(guarded, MAX_DISTANCE, current)
-    return separated // 2  # each pair was seen from both sides
+    return NumberGuard(texts).apply(distances, threshold)
+
+
+class NumberGuard:
+    """The guard over one list of texts, parsed once: for dense distance
+    matrices (`apply`) and for the large-n path's lists of pairs (`separates`)."""
+
+    def __init__(self, texts: Sequence[str]):
+        sets = [numbers_in(t) for t in texts]
+        numbered = [i for i, s in enumerate(sets) if s]
+        self._row = np.full(len(texts), -1, dtype=np.int64)  # text -> incidence row; -1: no numbers
+        self._row[numbered] = np.arange(len(numbered))
+        self._incidence = _incidence([sets[i] for i in numbered])
+        self._counts = np.asarray(self._incidence.sum(axis=1)).ravel()
+
+    def separates(self, first: np.ndarray, second: np.ndarray) -> np.ndarray:
+        """(e,) bool: whether the guard separates texts first[k] and second[k]."""
+        a, b = self._row[first], self._row[second]
+        both = (a >= 0) & (b >= 0)
+        a, b = a[both], b[both]
+        shared = np.asarray(self._incidence[a].multiply(self._incidence[b]).sum(axis=1)).ravel()
+        both[both] = (self._counts[a] > shared) & (self._counts[b] > shared)
+        return both
+
+    def apply(self, distances: np.ndarray, threshold: float, index: np.ndarray | None = None) -> int:
+        """Set guarded pairs of `distances` to 2, in place; return how many were within threshold.
+
+        `distances`: (m, m) over the texts `index` (default: all, in order).
+        """
+        index = np.arange(len(distances)) if index is None else np.asarray(index)
+        cutoff = float32_cutoff(threshold)
+        separated = 0
+        for rows, cols, guarded in self._blocks(index):
+            cells = np.ix_(rows, cols)
+            current = distances[cells]
+            separated += int(np.count_nonzero(guarded & (current <= cutoff)))
+            distances[cells] = np.where(guarded, MAX_DISTANCE, current)
+        return separated // 2  # each pair was seen from both sides
+
+    def count_separated(self) -> int:
+        """How many pairs of all the texts the guard separates (threshold 2: every pair is within it)."""
+        blocks = self._blocks(np.arange(len(self._row)))
+        return sum(int(np.count_nonzero(guarded)) for _, _, guarded in blocks) // 2
+
+    def _blocks(self, index: np.ndarray):
+        """Yield (rows, cols, guarded): positions into `index` of texts with numbers, in row
+        blocks, and their (rows, cols) guarded mask; memory O(block · m)."""
+        local = np.flatnonzero(self._row[index] >= 0)
+        if len(local) < 2:
+            return
+        incidence = self._incidence[self._row[index[local]]]
+        counts = self._counts[self._row[index[local]]]
+        for start in range(0, len(local), _BLOCK_ROWS):
+            block = slice(start, start + _BLOCK_ROWS)
+            shared = (incidence[block] @ incidence.T).toarray()
+            guarded = (counts[block, None] > shared) & (counts[None, :] > shared)
+            yield local[block], local, guarded
 
 
 def _incidence(sets: list[frozenset[str]]) -> sparse.csr_matrix:

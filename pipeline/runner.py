@@ -7,7 +7,7 @@ between two events stops the work: no later batch or stage runs.
 CPU-heavy steps go through `offload(fn, *args)`. Called inline by default; a
 server passes a function that runs them on a thread pool so its event loop
 keeps serving other requests meanwhile. Each offloaded call is one bounded
-step (one embedding batch, one clustering call), which is how far work can
+step (one embedding batch, one clustering tile or batch), which is how far work can
 run on after a client leaves.
 """
 
@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from .cluster import cluster_labels, distance_matrix, members
+from .cluster import Clustering, members
 from .embed import (
     BUNDLED_MODEL,
     Embedder,
@@ -27,7 +27,7 @@ from .embed import (
     l2_normalise,
     length_sorted_batches,
 )
-from .guards import apply_number_guard
+from .guards import NumberGuard
 from .mmr import mmr_order
 from .profiles import GO_THRESHOLD, model_threshold
 from .select import min_max, representatives
@@ -81,7 +81,7 @@ def run(
         guards = defaults.model_guards if model_mode else ()
     texts = [c.text for c in chunks]
     labels = yield from _stage(
-        CLUSTERING, _cluster(unit, texts, threshold, guards, request.linkage, offload), clock
+        CLUSTERING, _cluster(unit, texts, threshold, guards, request.linkage, offload, clock), clock
     )
     clusters = members(labels)
     scores = np.array([c.score for c in chunks], dtype=np.float64)
@@ -175,23 +175,23 @@ def _embed(request: DedupeRequest, embedder: Embedder, offload: Offload, clock):
     return (vectors, query, model_mode), {"embedded": len(unique)}
 
 
-def _cluster(unit, texts, threshold, guards, method, offload: Offload):
+def _cluster(unit, texts, threshold, guards, method, offload: Offload, clock):
+    """Cluster in bounded steps (one, or one per tile and per batch of components at large n)."""
     yield 0.0
-    labels, guarded = offload(_cluster_job, unit, texts, threshold, guards, method)
+    guard = offload(NumberGuard, texts) if "numbers" in guards else None
+    job = Clustering(unit, threshold, method, guard)
+    last_report = clock()
+    while (done := offload(job.step)) < 1.0:
+        if clock() - last_report >= PROGRESS_INTERVAL_S:
+            last_report = clock()
+            yield done
     stats = {
-        "clusters_formed": int(labels.max()) + 1,
+        "clusters_formed": int(job.labels.max()) + 1,
         "input_count": len(texts),
         "threshold": threshold,
-        "guarded_pairs": guarded,
+        "guarded_pairs": job.guarded_pairs,
     }
-    return labels, stats
-
-
-def _cluster_job(unit, texts, threshold, guards, method):
-    """One CPU job: distances, guards, linkage."""
-    distances = distance_matrix(unit)
-    guarded = apply_number_guard(distances, texts, threshold) if "numbers" in guards else 0
-    return cluster_labels(distances, threshold, method), guarded
+    return job.labels, stats
 
 
 def _select(clusters, strategy, unit, scores, texts, offload: Offload):
