@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 from flask import Flask, Response, request
 
-from pipeline.embed import BUNDLED_MODEL, Embedder, FastEmbedModel
+from pipeline.embed import BUNDLED_MODEL, Embedder, EmbeddingCache, FastEmbedModel
 from pipeline.profiles import model_threshold
 from pipeline.runner import Defaults, Offload
 
@@ -44,6 +44,7 @@ class Service:
     embedder: Embedder
     offload: Offload
     defaults: Defaults
+    cache: EmbeddingCache
 
     @property
     def heartbeat_s(self) -> float:
@@ -68,6 +69,7 @@ def create_app(
             model_threshold=config.model_threshold or model_threshold(config.embedding_model),
             lambda_=config.lambda_,
         ),
+        cache=EmbeddingCache(config.embed_cache_size),
     )
     register_error_handlers(app)
     init_metrics(app)  # first, so its timer also sees requests refused by auth

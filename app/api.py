@@ -98,6 +98,11 @@ def _read_request() -> tuple[float, DedupeRequest]:
 def _run(dedupe_request: DedupeRequest, started: float, endpoint: str):
     service = current_app.extensions["distill"]
     events = run(
-        dedupe_request, service.embedder, service.defaults, service.offload, started=started
+        dedupe_request,
+        service.embedder,
+        service.defaults,
+        service.offload,
+        started=started,
+        cache=service.cache,
     )
     return traced(observe(events, endpoint, request.environ), dedupe_request)

@@ -28,7 +28,7 @@ class Config:
     lambda_: float = 0.5
     model_threshold: float | None = None  # None: the model's calibrated value
     embedding_model: str = BUNDLED_MODEL
-    embed_cache_size: int = 2048  # texts per worker; ~1.5 KB of vector each, plus the text
+    embed_cache_size: int = 0  # off: see README (each entry ~1.5 KB of vector plus its text)
     max_chunks: int = 10_000
     max_body_bytes: int = 64 * MIB
     sse_heartbeat_s: float = 10.0

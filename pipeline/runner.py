@@ -23,6 +23,7 @@ from .cluster import Clustering, members
 from .embed import (
     BUNDLED_MODEL,
     Embedder,
+    EmbeddingCache,
     ModelUnavailable,
     l2_normalise,
     length_sorted_batches,
@@ -61,16 +62,18 @@ def run(
     offload: Offload = inline,
     clock: Callable[[], float] = time.perf_counter,
     started: float | None = None,
+    cache: EmbeddingCache | None = None,
 ) -> Iterator[StageEvent | Result]:
     """Yield the stage events of `request`, then its `Result`.
 
-    `started` is when the request body was parsed (for `latency_ms`).
+    `started` is when the request body was parsed (for `latency_ms`); `cache`
+    holds vectors of texts seen before (the `embedded` stat counts only the rest).
     Any failure inside a stage is raised as `StageError(stage, message)`.
     """
     started = clock() if started is None else started
     chunks = request.chunks
     vectors, query_vector, model_mode = yield from _stage(
-        EMBEDDING, _embed(request, embedder, offload, clock), clock
+        EMBEDDING, _embed(request, embedder, offload, clock, cache), clock
     )
     unit = l2_normalise(vectors)
     threshold = request.threshold
@@ -139,8 +142,11 @@ def _stage(name: str, body: Iterator[float], clock: Callable[[], float]):
     return value
 
 
-def _embed(request: DedupeRequest, embedder: Embedder, offload: Offload, clock):
-    """Embed the chunks without vectors (and the query text); identical texts once."""
+def _embed(
+    request: DedupeRequest, embedder: Embedder, offload: Offload, clock, cache: EmbeddingCache | None
+):
+    """Embed the chunks without vectors (and the query text); identical texts once,
+    texts in `cache` not at all."""
     chunks = request.chunks
     missing = request.texts_to_embed
     wanted = [chunks[i].text for i in missing]
@@ -151,13 +157,16 @@ def _embed(request: DedupeRequest, embedder: Embedder, offload: Offload, clock):
         vectors = np.vstack(given).astype(np.float32)
         return (vectors, request.query_embedding, False), None
     yield 0.0
-    unique = list(dict.fromkeys(wanted))
-    found: dict[str, np.ndarray] = {}
+    found = cache.get_many(dict.fromkeys(wanted)) if cache is not None else {}
+    unique = [text for text in dict.fromkeys(wanted) if text not in found]
     last_report = clock()
     batches = length_sorted_batches(unique, embedder.batch_size)
     for done, batch in enumerate(batches, start=1):
         texts = [unique[i] for i in batch]
-        found.update(zip(texts, offload(embedder.embed, texts)))
+        computed = dict(zip(texts, offload(embedder.embed, texts)))
+        found.update(computed)
+        if cache is not None:
+            cache.put_many(computed)
         if done < len(batches) and clock() - last_report >= PROGRESS_INTERVAL_S:
             last_report = clock()
             yield done / len(batches)

@@ -481,7 +481,8 @@ def test_text_null_with_an_embedding(client):
 
 
 @pytest.mark.parametrize("empty", [[], None], ids=["empty-list", "null"])
-def test_empty_or_null_embedding_means_embed_the_text(client, empty):
+def test_empty_or_null_embedding_means_embed_the_text(make_app, empty):
+    client = make_app().test_client()
     plain = {"chunks": [chunk(id="1", text=TEXTS[0]), chunk(id="2", text=TEXTS[2])]}
     with_empty = {"chunks": [{**c, "embedding": empty} for c in plain["chunks"]]}
     expected = zero_latency(post(client, plain).data)
@@ -836,3 +837,13 @@ def test_same_request_same_bytes(client, path):
 def vector_free_duplicates() -> list[dict]:
     """Exact and near duplicates with tied scores, so tie-breaking is exercised."""
     return [chunk(id="dup-fox", text=TEXTS[0], score=1.0), chunk(id="dup-paris", text=TEXTS[4], score=0.6)]
+
+
+def test_with_the_embedding_cache_on_the_answer_is_the_same(make_app):
+    client = make_app(embed_cache_size=16).test_client()
+    body = {"chunks": [chunk(id=str(i), text=t) for i, t in enumerate(TEXTS)]}
+    first, second = post(client, body), post(client, body)
+    assert first.status_code == second.status_code == 200
+    assert zero_latency(first.data) == zero_latency(second.data)
+    _, events = stream(client, body)
+    assert stage_runs(events)["embedding"][-1]["stats"]["embedded"] == 0  # all from the cache

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.embed import l2_normalise
+from pipeline.embed import EmbeddingCache, l2_normalise
 from pipeline.runner import Defaults, drain, run
 from pipeline.types import Chunk, DedupeRequest, Result, StageError, StageEvent
 
@@ -147,3 +147,14 @@ def test_single_chunk_is_returned_as_is(embedder):
     result = drain(run(DedupeRequest(chunks=(Chunk(id="only", text="hello", score=0.7),)), embedder))
     assert [(c.id, c.text, c.score, c.cluster_id) for c in result.chunks] == [("only", "hello", 0.7, 0)]
     assert (result.input_count, result.cluster_count, result.reduction_pct) == (1, 1, 0)
+
+
+def test_cached_texts_skip_the_model_and_give_the_same_result(embedder):
+    cache = EmbeddingCache(100)
+    first_model, second_model = CountingModel(embedder), CountingModel(embedder)
+    first = list(run(text_request(target_k=3), first_model, cache=cache))
+    second = list(run(text_request(target_k=3), second_model, cache=cache))
+    assert len(cache) == len(TEXTS) and second_model.batches == []
+    embedded = [e.stats["embedded"] for e in second if isinstance(e, StageEvent) and e.stats and e.stage == "embedding"]
+    assert embedded == [0]
+    assert first[-1].chunks == second[-1].chunks
