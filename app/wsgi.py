@@ -1,5 +1,12 @@
 """The WSGI entry point gunicorn loads in each worker (after fork)."""
 
+from pipeline.embed import ModelUnavailable
+
 from . import create_app
 
 application = create_app()
+
+try:  # load the model now, in this worker, so its first request does not wait for it
+    application.extensions["distill"].embedder.dim()
+except ModelUnavailable:
+    pass  # already logged; requests that need the model get a 503
