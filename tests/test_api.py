@@ -847,3 +847,25 @@ def test_with_the_embedding_cache_on_the_answer_is_the_same(make_app):
     assert zero_latency(first.data) == zero_latency(second.data)
     _, events = stream(client, body)
     assert stage_runs(events)["embedding"][-1]["stats"]["embedded"] == 0  # all from the cache
+
+
+GO_MODE_GOLDEN = (
+    b'{"chunks":[{"id":"a","text":"","score":0.5,"cluster_id":0},'
+    b'{"id":"d","text":"","score":3,"cluster_id":1},'
+    b'{"id":"e","text":"t","score":-1,"cluster_id":2}],'
+    b'"stats":{"input_count":5,"output_count":3,"cluster_count":3,"reduction_pct":40,"latency_ms":0}}'
+)
+
+
+def test_go_mode_answer_is_fixed_byte_for_byte(client):
+    """Supplied vectors: Go threshold 0.15, no guard, highest score kept; these exact bytes."""
+    body = {
+        "chunks": [
+            {"id": "a", "embedding": blend(0, 1, 0.99), "score": 0.5},
+            {"id": "b", "embedding": basis(0), "score": 0.4},
+            {"id": "c", "embedding": basis(2), "score": 2},
+            {"id": "d", "embedding": blend(2, 3, 0.9), "score": 3},
+            {"id": "e", "text": "t", "embedding": basis(4), "score": -1},
+        ]
+    }
+    assert zero_latency(post(client, body).data) == GO_MODE_GOLDEN
