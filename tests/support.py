@@ -185,16 +185,32 @@ class Server:
         return conn, conn.getresponse()
 
     def metrics(self) -> dict[tuple[str, tuple], float]:
-        """Samples of the current scrape, keyed by (name, sorted labels)."""
-        from prometheus_client.parser import text_string_to_metric_families
-
+        """Samples of the current scrape (see `parse_metrics`)."""
         status, body = self.get("/metrics")
         assert status == 200
-        return {
-            (s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(body.decode())
-            for s in family.samples
-        }
+        return parse_metrics(body.decode())
+
+
+def parse_metrics(text: str) -> dict[tuple[str, tuple], float]:
+    """Prometheus text as samples keyed by (name, sorted labels), via prometheus_client's parser."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def scrape(client) -> dict[tuple[str, tuple], float]:
+    """The samples of `GET /metrics` through a Flask test client."""
+    return parse_metrics(client.get("/metrics").data.decode())
+
+
+def delta(before: dict, after: dict, name: str, **labels) -> float:
+    """How much one series grew between two scrapes."""
+    key = (name, tuple(sorted(labels.items())))
+    return after.get(key, 0.0) - before.get(key, 0.0)
 
 
 def read_events(response: http.client.HTTPResponse, parser: SSEParser, until=None) -> list[Event]:

@@ -8,8 +8,7 @@ import threading
 import pytest
 from greenlet import greenlet
 
-from .support import synthetic_texts
-from .test_metrics import delta, scrape
+from .support import delta, scrape, synthetic_texts
 
 STREAM = "/v1/dedupe/stream"
 STAGES = ["embedding", "clustering", "selection", "mmr"]

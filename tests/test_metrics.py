@@ -2,34 +2,18 @@
 
 from __future__ import annotations
 
-from prometheus_client.parser import text_string_to_metric_families
+import json
 
 from app import create_app
 from app.config import Config
 
-from .support import FaultInjectingModel, synthetic_texts
+from .support import FaultInjectingModel, delta, scrape, synthetic_texts
 
 STREAM = "/v1/dedupe/stream"
 
 
-def scrape(client) -> dict:
-    body = client.get("/metrics").data.decode()
-    return {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for family in text_string_to_metric_families(body)
-        for s in family.samples
-    }
-
-
-def delta(before: dict, after: dict, name: str, **labels) -> float:
-    key = (name, tuple(sorted(labels.items())))
-    return after.get(key, 0.0) - before.get(key, 0.0)
-
-
 def stage_ms(raw: bytes) -> int:
     """Sum of the stages' own duration_ms, read from the stream's final progress events."""
-    import json
-
     total = 0
     for frame in raw.decode().split("\n\n"):
         lines = frame.split("\n")
