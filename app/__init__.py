@@ -13,7 +13,8 @@ from flask import Flask, Response, request
 
 from pipeline.embed import BUNDLED_MODEL, Embedder, EmbeddingCache, FastEmbedModel
 from pipeline.profiles import model_threshold
-from pipeline.runner import Defaults, Offload
+from pipeline.offload import Offload
+from pipeline.runner import Defaults
 
 from .api import api
 from .openapi import openapi

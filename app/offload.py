@@ -4,15 +4,19 @@ An embedding batch or a clustering call holds the CPU for up to seconds. Run
 inline, it would freeze the worker's event loop: no `/health`, no heartbeat,
 no other request. gevent's thread pool runs it on a real thread while the
 calling greenlet waits and the loop keeps serving. The pool's size bounds how
-many CPU jobs one worker runs at once; the rest wait their turn.
+many CPU jobs one worker runs at once; the rest wait their turn. It is the
+`pipeline.offload.Offload` the runner is given: `all` spreads a large-n
+clustering step's tiles over the pool's threads.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any, Callable
+from typing import Any, Callable, Sequence, TypeVar
 
 from gevent.threadpool import ThreadPool
+
+T = TypeVar("T")
 
 CPU_JOBS_PER_WORKER = 2
 
@@ -21,11 +25,19 @@ class CpuPool:
     """A per-process pool, created on first use (after gunicorn forks)."""
 
     def __init__(self, size: int = CPU_JOBS_PER_WORKER):
-        self.size = size
+        self.width = size
         self._pool: ThreadPool | None = None
         self._pid = 0
 
-    def __call__(self, fn: Callable[..., Any], *args: Any) -> Any:
+    def __call__(self, fn: Callable[..., T], *args: Any) -> T:
+        return self._threads().apply(fn, args)
+
+    def all(self, calls: Sequence[Callable[[], T]]) -> list[T]:
+        """Run the calls on the pool's threads at once; wait for every one (results in order)."""
+        pending = [self._threads().spawn(call) for call in calls]
+        return [result.get() for result in pending]
+
+    def _threads(self) -> ThreadPool:
         if self._pool is None or self._pid != os.getpid():
-            self._pool, self._pid = ThreadPool(self.size), os.getpid()
-        return self._pool.apply(fn, args)
+            self._pool, self._pid = ThreadPool(self.width), os.getpid()
+        return self._pool

@@ -14,13 +14,16 @@ tile plus the largest component's matrix instead of n².
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from functools import partial
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 from scipy import sparse
 from scipy.cluster.hierarchy import fcluster, linkage
 from scipy.sparse.csgraph import connected_components
 from scipy.spatial.distance import squareform
+
+from .offload import INLINE, Offload
 
 if TYPE_CHECKING:
     from .guards import NumberGuard
@@ -33,6 +36,10 @@ BATCH_ROWS = 1024  # small components share one distance matrix, up to this many
 EDGE_EPS = 1e-5  # tile edges are kept up to t + EDGE_EPS: BLAS rounding cannot lose one
 TILE_SHARE = 0.9  # of the reported progress, when there are tiles
 _PENDING_EDGES = 1 << 22
+# A component whose pairwise distances are all <= t is one cluster: average and complete
+# linkage distances never exceed the largest pairwise one. The margin covers float64
+# rounding in scipy's running averages (relative error ~1e-16 per merge).
+CLIQUE_MARGIN = 1e-9
 
 
 def distance_matrix(unit: np.ndarray) -> np.ndarray:
@@ -66,10 +73,11 @@ def cluster_labels(distances: np.ndarray, threshold: float, method: str = "avera
 
     `distances`: (n, n) symmetric, zero diagonal. The linkage runs separately in
     each connected component of "distance <= threshold" (the same cut: see the
-    module docstring). This also makes exact ties come out the same whatever
-    lies outside a component: scipy's nn-chain breaks ties along a chain that
-    can wander through other components, so on the whole matrix equal
-    distances could merge differently from the tiled path.
+    module docstring), and not at all in a component whose pairs are all within
+    t. This also makes exact ties come out the same whatever lies outside a
+    component: scipy's nn-chain breaks ties along a chain that can wander
+    through other components, so on the whole matrix equal distances could
+    merge differently from the tiled path.
     """
     n = distances.shape[0]
     _, component = connected_components(
@@ -81,6 +89,8 @@ def cluster_labels(distances: np.ndarray, threshold: float, method: str = "avera
     next_id = n
     for index in _groups(component, min_size=3):
         sub = distances if len(index) == n else distances[np.ix_(index, index)]
+        if sub.max() <= threshold * (1 - CLIQUE_MARGIN):
+            continue  # every pair within t: every merge is too, so the component is one cluster
         condensed = squareform(sub, checks=False, force="tovector").astype(np.float64)
         cut = fcluster(linkage(condensed, method=method), t=threshold, criterion="distance")
         labels[index] = next_id + cut
@@ -106,19 +116,23 @@ def members(labels: np.ndarray) -> list[np.ndarray]:
 class Clustering:
     """Exact clustering of n unit vectors as bounded steps a caller drives.
 
-    `step()` does one unit of work (~0.1-0.3 s) and returns the fraction done;
-    once it returns 1.0, `labels` ((n,) int, as `cluster_labels` numbers them)
-    and `guarded_pairs` are set. The result is the full-matrix result
-    (`distance_matrix`, the guard, `cluster_labels`) label for label:
+    `step(offload)` does one step (~0.1-0.3 s of work per thread) and returns
+    the fraction done; once it returns 1.0, `labels` ((n,) int, as
+    `cluster_labels` numbers them) and `guarded_pairs` are set. A step is up
+    to `offload.width` independent pieces run at once (`offload.all`), then a
+    short bookkeeping call. The result is the full-matrix result
+    (`distance_matrix`, the guard, `cluster_labels`) label for label, whatever
+    the width:
 
-    * n <= full_max_n: one step does exactly that.
-    * Larger n: one step per row tile of the upper triangle of `unit @ unit.T`
-      keeps the pairs within t + EDGE_EPS that the guard lets through, and
-      unites them into components (memory: one tile, ~128 MB, plus the edges).
-      Then one step per batch of components: each component's own distance
-      matrix, guard and `cluster_labels`; small components share one matrix
-      with the pairs across them set to 2. Memory is bounded by the largest
-      component (~14 m² bytes for m members, mostly scipy's linkage).
+    * n <= full_max_n: one piece does exactly that.
+    * Larger n: one piece per row tile of the upper triangle of `unit @ unit.T`
+      keeps the pairs within t + EDGE_EPS that the guard lets through; the
+      bookkeeping unites them into components (memory: one tile, ~128 MB, per
+      piece at once, plus the edges). Then one piece per batch of components:
+      each component's own distance matrix, guard and `cluster_labels`; small
+      components share one matrix with the pairs across them set to 2. Memory
+      is bounded by the largest component (~14 m² bytes for m members, mostly
+      scipy's linkage).
     * threshold >= 2: every pair merges; no distances are needed.
     """
 
@@ -143,42 +157,65 @@ class Clustering:
         self._tile_progress = TILE_SHARE * work / (work[-1] if len(work) else 1.0)
         self._done_tiles = 0
         self._components = _Components(n)
-        self._buffer: np.ndarray | None = None  # one tile's similarities, flat
-        self._mask: np.ndarray | None = None
-        self._batches: list[list[np.ndarray]] | None = None
+        self._buffers: list[tuple[np.ndarray, np.ndarray]] = []  # per concurrent tile: similarities, mask
+        self._batches: list[list[np.ndarray]] = [] if large or n < 2 else [[np.arange(n)]]
         self._done_batches = 0
         self._raw = np.arange(n, dtype=np.int64)  # cluster ids; a batch gives its rows ids >= n
         self._next_id = n
 
-    def step(self) -> float:
-        """Do the next unit of work; return the fraction done (1.0: finished)."""
+    def step(self, offload: Offload = INLINE) -> float:
+        """Do the next step; return the fraction done (1.0: finished)."""
+        results = offload.all(self._next_pieces(offload.width))
+        return offload(self._absorb, results)
+
+    def _next_pieces(self, width: int) -> list[Callable[[], tuple]]:
+        """The next step's independent pieces of work (at most `width`)."""
+        if self.threshold >= MAX_DISTANCE:
+            return [self._count_all_guarded]
+        if self._done_tiles < len(self._tiles):
+            tiles = self._tiles[self._done_tiles : self._done_tiles + width]
+            while len(self._buffers) < len(tiles):  # reused: fresh ~100 MB arrays cost page faults
+                size = max((b - a) * (len(self.unit) - a) for a, b in self._tiles)
+                self._buffers.append((np.empty(size, dtype=np.float32), np.empty(size, dtype=bool)))
+            return [partial(self._tile_edges, slot, r0, r1) for slot, (r0, r1) in enumerate(tiles)]
+        batches = self._batches[self._done_batches : self._done_batches + width]
+        return [partial(self._batch_labels, groups) for groups in batches]
+
+    def _absorb(self, results: list[tuple]) -> float:
+        """Fold the pieces' results in, in order (so the outcome does not depend on width)."""
         if self.threshold >= MAX_DISTANCE:
             self.labels = np.zeros(len(self.unit), dtype=np.int64)
-            self.guarded_pairs = self.guard.count_separated() if self.guard is not None else 0
+            (self.guarded_pairs,) = results[0]
             return 1.0
         if self._done_tiles < len(self._tiles):
-            self._run_tile(*self._tiles[self._done_tiles])
-            self._done_tiles += 1
+            for first, second, guarded in results:
+                self._components.add(first, second)
+                self.guarded_pairs += guarded
+            self._done_tiles += len(results)
+            if self._done_tiles == len(self._tiles):
+                self._batches = self._plan_batches()
             return float(self._tile_progress[self._done_tiles - 1])
-        if self._batches is None:
-            self._batches = self._plan_batches()
-        if self._done_batches < len(self._batches):
-            self._run_batch(self._batches[self._done_batches])
-            self._done_batches += 1
+        for index, local, guarded in results:
+            self._raw[index] = self._next_id + local
+            self._next_id += int(local.max()) + 1
+            if not self._tiles:  # in the tiled path the tiles counted them
+                self.guarded_pairs += guarded
+        self._done_batches += len(results)
         if self._done_batches < len(self._batches):
             share = TILE_SHARE if self._tiles else 0.0
             return share + (1 - share) * self._done_batches / len(self._batches)
         self.labels = first_member_order(self._raw)
         return 1.0
 
-    def _run_tile(self, r0: int, r1: int) -> None:
-        """Similarities of rows r0..r1 with rows r0..n: keep the pairs i < j within t + eps."""
+    def _count_all_guarded(self) -> tuple[int]:
+        return (self.guard.count_separated() if self.guard is not None else 0,)
+
+    def _tile_edges(self, slot: int, r0: int, r1: int) -> tuple[np.ndarray, np.ndarray, int]:
+        """Similarities of rows r0..r1 with rows r0..n: the pairs i < j within t + eps
+        that the guard lets through, and how many pairs within t the guard separated."""
         unit, width = self.unit, len(self.unit) - r0
         entries = (r1 - r0) * width
-        if self._buffer is None:  # reused: fresh arrays of ~100 MB cost page faults every tile
-            size = max((b - a) * (len(unit) - a) for a, b in self._tiles)
-            self._buffer, self._mask = np.empty(size, dtype=np.float32), np.empty(size, dtype=bool)
-        similarities, mask = self._buffer[:entries], self._mask[:entries]
+        similarities, mask = (buffer[:entries] for buffer in self._buffers[slot])
         np.matmul(unit[r0:r1], unit[r0:].T, out=similarities.reshape(r1 - r0, width))
         np.greater_equal(similarities, self._min_similarity, out=mask)
         flat = np.flatnonzero(mask)  # (much faster than a 2-D np.nonzero)
@@ -188,32 +225,30 @@ class Clustering:
         if self._min_similarity <= 0:  # zero vectors are at distance 2 from everything
             nonzero = unit[first].any(axis=1) & unit[second].any(axis=1)
             flat, first, second = flat[nonzero], first[nonzero], second[nonzero]
+        guarded = 0
         if self.guard is not None and len(first):
             separated = self.guard.separates(first, second)
-            self._count_guarded(first[separated], second[separated], similarities[flat[separated]])
+            guarded = self._count_guarded(first[separated], second[separated], similarities[flat[separated]])
             first, second = first[~separated], second[~separated]
-        self._components.add(first, second)
+        return first, second, guarded
 
-    def _count_guarded(self, first: np.ndarray, second: np.ndarray, similarities: np.ndarray) -> None:
+    def _count_guarded(self, first: np.ndarray, second: np.ndarray, similarities: np.ndarray) -> int:
         """Count the guarded pairs within the threshold, as `apply_number_guard` on the full
         matrix would. A tile's GEMM may round differently from `distance_matrix`'s product
         (BLAS picks kernels by shape), so pairs within EDGE_EPS of the cutoff are recomputed
         the way `distance_matrix` computes them."""
         distances = np.clip(np.subtract(1.0, similarities), 0.0, MAX_DISTANCE)
-        self.guarded_pairs += int(np.count_nonzero(distances < self._cutoff - EDGE_EPS))
+        count = int(np.count_nonzero(distances < self._cutoff - EDGE_EPS))
         near = np.flatnonzero(distances >= self._cutoff - EDGE_EPS)
         for i, j in zip(first[near], second[near]):
-            self.guarded_pairs += int(distance_matrix(self.unit[[i, j]])[0, 1] <= self._cutoff)
+            count += int(distance_matrix(self.unit[[i, j]])[0, 1] <= self._cutoff)
+        return count
 
     def _plan_batches(self) -> list[list[np.ndarray]]:
         """Components of 2+ members (each ascending), packed into batches of <= BATCH_ROWS rows."""
-        n = len(self.unit)
-        if not self._tiles:
-            return [[np.arange(n)]] if n > 1 else []
-        groups = list(_groups(self._components.labels(), min_size=2))
         batches: list[list[np.ndarray]] = []
         rows = BATCH_ROWS
-        for group in groups:
+        for group in _groups(self._components.labels(), min_size=2):
             if rows + len(group) > BATCH_ROWS:
                 batches.append([])
                 rows = 0
@@ -221,20 +256,16 @@ class Clustering:
             rows += len(group)
         return batches
 
-    def _run_batch(self, groups: list[np.ndarray]) -> None:
-        """Exact distances, guard and linkage for a few components at once."""
+    def _batch_labels(self, groups: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, int]:
+        """Exact distances, guard and linkage for a few components at once:
+        their rows, local labels, and how many pairs the guard separated."""
         index = np.concatenate(groups)
         distances = distance_matrix(self.unit[index])
         if len(groups) > 1:
             block = np.repeat(np.arange(len(groups)), [len(g) for g in groups])
             distances[block[:, None] != block[None, :]] = MAX_DISTANCE
-        if self.guard is not None:
-            separated = self.guard.apply(distances, self.threshold, index)
-            if not self._tiles:  # in the tiled path the tiles counted them
-                self.guarded_pairs += separated
-        local = cluster_labels(distances, self.threshold, self.method)
-        self._raw[index] = self._next_id + local
-        self._next_id += int(local.max()) + 1
+        guarded = self.guard.apply(distances, self.threshold, index) if self.guard is not None else 0
+        return index, cluster_labels(distances, self.threshold, self.method), guarded
 
 
 def tile_rows(n: int, dim: int, tile_bytes: int = TILE_BYTES) -> list[tuple[int, int]]:

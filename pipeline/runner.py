@@ -4,18 +4,18 @@
 `/v1/dedupe/stream` turns each event into an SSE frame. Closing the generator
 between two events stops the work: no later batch or stage runs.
 
-CPU-heavy steps go through `offload(fn, *args)`. Called inline by default; a
-server passes a function that runs them on a thread pool so its event loop
-keeps serving other requests meanwhile. Each offloaded call is one bounded
-step (one embedding batch, one clustering tile or batch), which is how far work can
-run on after a client leaves.
+CPU-heavy steps go through an `Offload` (see `offload.py`): inline by default;
+a server passes one that runs them on a thread pool so its event loop keeps
+serving other requests meanwhile. Each offloaded call is one bounded step (one
+embedding batch; one clustering tile or batch per thread), which is how far
+work can run on after a client leaves.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -30,19 +30,13 @@ from .embed import (
 )
 from .guards import NumberGuard
 from .mmr import mmr_order
+from .offload import INLINE, Offload
 from .profiles import GO_THRESHOLD, model_threshold
 from .select import min_max, representatives
 from .types import DedupeRequest, OutputChunk, Result, StageError, StageEvent
 
 EMBEDDING, CLUSTERING, SELECTION, MMR = "embedding", "clustering", "selection", "mmr"
 PROGRESS_INTERVAL_S = 0.1  # fractional progress at most ~10 times a second
-
-Offload = Callable[..., Any]
-
-
-def inline(fn: Callable[..., Any], *args: Any) -> Any:
-    return fn(*args)
-
 
 @dataclass(frozen=True)
 class Defaults:
@@ -59,7 +53,7 @@ def run(
     request: DedupeRequest,
     embedder: Embedder,
     defaults: Defaults = Defaults(),
-    offload: Offload = inline,
+    offload: Offload = INLINE,
     clock: Callable[[], float] = time.perf_counter,
     started: float | None = None,
     cache: EmbeddingCache | None = None,
@@ -185,12 +179,13 @@ def _embed(
 
 
 def _cluster(unit, texts, threshold, guards, method, offload: Offload, clock):
-    """Cluster in bounded steps (one, or one per tile and per batch of components at large n)."""
+    """Cluster in bounded steps (one, or per tile and per batch of components at large n,
+    `offload.width` of them at once)."""
     yield 0.0
     guard = offload(NumberGuard, texts) if "numbers" in guards else None
     job = Clustering(unit, threshold, method, guard)
     last_report = clock()
-    while (done := offload(job.step)) < 1.0:
+    while (done := job.step(offload)) < 1.0:
         if clock() - last_report >= PROGRESS_INTERVAL_S:
             last_report = clock()
             yield done

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from scipy.cluster.hierarchy import fcluster, linkage
+from scipy.spatial.distance import squareform
 
+import pipeline.cluster
 from pipeline.cluster import cluster_labels, distance_matrix, first_member_order, members
 from pipeline.embed import l2_normalise
 
@@ -89,3 +92,34 @@ def test_cluster_ids_follow_first_member_order():
     labels = cluster_labels(distance_matrix(unit), 0.1)
     assert labels.tolist() == [0, 1, 0, 1]
     assert [m.tolist() for m in members(labels)] == [[0, 2], [1, 3]]
+
+
+def whole_matrix_scipy(distances: np.ndarray, threshold: float, method: str) -> np.ndarray:
+    condensed = squareform(distances, checks=False).astype(np.float64)
+    return first_member_order(fcluster(linkage(condensed, method=method), t=threshold, criterion="distance"))
+
+
+@pytest.mark.parametrize("method", ["average", "complete"])
+@pytest.mark.parametrize("seed", range(30))
+def test_tight_groups_are_one_cluster_each_as_scipy_finds(method, seed):
+    """Groups of near-copies (every pair within t: a component that is one cluster),
+    mixed with looser groups that the linkage must split; thresholds near the
+    groups' widest pair too."""
+    rng = np.random.default_rng(300 + seed)
+    groups = rng.normal(size=(8, 64))
+    noise = rng.choice([0.01, 0.05, 0.3], size=8)
+    which = rng.integers(0, 8, int(rng.integers(20, 120)))
+    unit = l2_normalise((groups[which] + noise[which, None] * rng.normal(size=(len(which), 64))).astype(np.float32))
+    distances = distance_matrix(unit)
+    widest = max(distances[np.ix_(which == g, which == g)].max() for g in set(which.tolist()))
+    for threshold in (float(rng.uniform(0.01, 0.6)), float(widest), float(np.nextafter(widest, 2))):
+        assert cluster_labels(distances, threshold, method).tolist() == whole_matrix_scipy(distances, threshold, method).tolist()
+
+
+def test_a_component_with_every_pair_within_t_skips_the_linkage(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("linkage ran")
+
+    monkeypatch.setattr(pipeline.cluster, "linkage", refuse)
+    unit = l2_normalise(np.array([[1, 0, 0], [1, 0.01, 0], [1, 0, 0.01], [0, 1, 0], [0, 1, 0.01], [0, 1.01, 0]], dtype=np.float32))
+    assert cluster_labels(distance_matrix(unit), 0.05).tolist() == [0, 0, 0, 1, 1, 1]

@@ -3,6 +3,8 @@
 The reference is the full path: `distance_matrix`, `apply_number_guard`,
 `cluster_labels`. The tiled path is forced with tiny tiles (a few rows each)
 and tiny component batches, so every case crosses many tile and batch edges.
+It runs 3 pieces of work at once on real threads (`Threads(3)`), as a server
+runs 2, unless a test says otherwise.
 """
 
 from __future__ import annotations
@@ -11,13 +13,15 @@ import numpy as np
 import pytest
 
 import pipeline.cluster
-from pipeline.cluster import Clustering, cluster_labels, distance_matrix
+from pipeline.cluster import Clustering, cluster_labels, distance_matrix, tile_rows
 from pipeline.embed import l2_normalise
 from pipeline.guards import NumberGuard, apply_number_guard
+from pipeline.offload import INLINE, Threads
 from pipeline.runner import run
 from pipeline.types import Chunk, DedupeRequest, StageEvent
 
 METHODS = ["average", "single", "complete"]
+WIDE = Threads(3)
 
 
 def full(unit, threshold, method, texts=None):
@@ -26,18 +30,18 @@ def full(unit, threshold, method, texts=None):
     return cluster_labels(distances, threshold, method), guarded
 
 
-def tiled(unit, threshold, method, texts=None, tile_bytes=None):
+def tiled(unit, threshold, method, texts=None, tile_bytes=None, offload=WIDE):
     """The tiled path; tiles of about n·rows float32, `rows` = n/8 unless tile_bytes is given."""
     tile_bytes = tile_bytes or 4 * len(unit) * max(2, len(unit) // 8)
     job = Clustering(unit, threshold, method, NumberGuard(texts) if texts else None, full_max_n=0, tile_bytes=tile_bytes)
-    while job.step() < 1.0:
+    while job.step(offload) < 1.0:
         pass
     return job.labels, job.guarded_pairs
 
 
-def assert_same(unit, threshold, method, texts=None, tile_bytes=None):
+def assert_same(unit, threshold, method, texts=None, tile_bytes=None, offload=WIDE):
     expected, expected_guarded = full(unit, threshold, method, texts)
-    labels, guarded = tiled(unit, threshold, method, texts, tile_bytes)
+    labels, guarded = tiled(unit, threshold, method, texts, tile_bytes, offload)
     assert labels.tolist() == expected.tolist()
     assert guarded == expected_guarded
     return expected
@@ -60,13 +64,34 @@ def planted(rng, n, d):
     return l2_normalise(rows.astype(np.float32))
 
 
+@pytest.mark.parametrize("offload", [INLINE, WIDE], ids=["one at a time", "three at once"])
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("seed", range(25))
-def test_planted_duplicates(method, seed):
+def test_planted_duplicates(method, seed, offload):
     rng = np.random.default_rng(seed)
     unit = planted(rng, int(rng.integers(2, 300)), int(rng.choice([8, 64, 384, 1536])))
     threshold = float(rng.uniform(0.02, 0.9))
-    assert_same(unit, threshold, method, tile_bytes=4 * len(unit) * int(rng.integers(2, 40)))
+    assert_same(unit, threshold, method, tile_bytes=4 * len(unit) * int(rng.integers(2, 40)), offload=offload)
+
+
+def test_a_step_runs_as_many_pieces_as_the_offload_is_wide(monkeypatch):
+    """T tiles and one batch of components: T + 1 steps one at a time, ceil(T / 4) + 1
+    four at a time, and the same labels."""
+    monkeypatch.setattr(pipeline.cluster, "BATCH_ROWS", 1000)
+    unit = planted(np.random.default_rng(3), 64, 16)
+    tiles = len(tile_rows(64, 16, 4 * 64 * 4))
+    assert tiles > 8
+
+    def steps(offload):
+        job = Clustering(unit, 0.3, full_max_n=0, tile_bytes=4 * 64 * 4)
+        count = 1
+        while job.step(offload) < 1.0:
+            count += 1
+        return count, job.labels.tolist()
+
+    expected = full(unit, 0.3, "average")[0].tolist()
+    assert steps(INLINE) == (tiles + 1, expected)
+    assert steps(Threads(4)) == (-(-tiles // 4) + 1, expected)
 
 
 @pytest.mark.parametrize("method", METHODS)
