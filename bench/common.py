@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import platform
+from pathlib import Path
 import statistics
 import time
 from typing import Callable
@@ -52,3 +53,23 @@ def unit_vectors(n: int, d: int, duplicates: bool, seed: int = 0) -> np.ndarray:
         source = rng.integers(0, n - copies, copies)
         vectors[n - copies :] = vectors[source] + 0.1 * rng.normal(size=(copies, d)).astype(np.float32)
     return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+
+
+def worker_pids(master_pid: int) -> list[int]:
+    return [int(pid) for pid in Path(f"/proc/{master_pid}/task/{master_pid}/children").read_text().split()]
+
+
+def reset_peak_rss(pids: list[int]) -> None:
+    """Start the processes' RSS high-water marks afresh (VmHWM := current RSS)."""
+    for pid in pids:
+        Path(f"/proc/{pid}/clear_refs").write_text("5")
+
+
+def peak_rss_mb(pids: list[int]) -> float:
+    """The largest RSS high-water mark among the processes, in MB."""
+    peaks = []
+    for pid in pids:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                peaks.append(int(line.split()[1]) / 1024)
+    return max(peaks, default=0.0)

@@ -16,9 +16,10 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 from tests.support import Server, SSEParser, synthetic_texts
+
+from .common import peak_rss_mb, worker_pids
 
 STREAMS = 60
 PLAIN = 60
@@ -80,16 +81,6 @@ def one_plain(server: Server, body: dict, expected: dict) -> str:
     return "completed" if zero_latency(json.loads(raw)) == expected else "incorrect"
 
 
-def worker_peak_rss_mb(master_pid: int) -> float:
-    children = Path(f"/proc/{master_pid}/task/{master_pid}/children").read_text().split()
-    peaks = []
-    for pid in children:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                peaks.append(int(line.split()[1]) / 1024)
-    return max(peaks, default=0.0)
-
-
 def tally(outcomes: list[str]) -> dict[str, int]:
     return {k: outcomes.count(k) for k in ("completed", "incorrect", "error", "lost", "refused")}
 
@@ -109,7 +100,7 @@ def main() -> int:
             stream_outcomes = [f.result(timeout=300) for f in streams]
             plain_outcomes = [f.result(timeout=300) for f in plain]
         wall = time.perf_counter() - started
-        peak = worker_peak_rss_mb(server.process.pid)
+        peak = peak_rss_mb(worker_pids(server.process.pid))
 
         # Second wave: SIGTERM while streams run.
         with ThreadPoolExecutor(max_workers=STREAMS) as pool:

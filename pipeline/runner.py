@@ -148,7 +148,7 @@ def _embed(
         wanted.append(request.query)
     given = [c.embedding for c in chunks if c.embedding is not None]
     if not wanted:
-        vectors = np.vstack(given).astype(np.float32)
+        vectors = np.vstack(given, dtype=np.float32)
         return (vectors, request.query_embedding, False), None
     yield 0.0
     found = cache.get_many(dict.fromkeys(wanted)) if cache is not None else {}
