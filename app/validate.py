@@ -122,18 +122,38 @@ def _embedding(value: Any, where: str) -> np.ndarray | None:
     if isinstance(value, str):
         vector = _from_base64(value, where)
     elif isinstance(value, list):
-        if not set(map(type, value)) <= _NUMBER_TYPES:
-            raise bad(f"{where} must be an array of numbers")
-        try:
-            with np.errstate(over="ignore"):  # too big for float32 -> inf -> refused below
-                vector = np.array(value, dtype=np.float64).astype(np.float32)
-        except OverflowError:
-            raise bad(f"{where} must contain finite numbers") from None
+        with np.errstate(over="ignore"):  # too big for float32 -> inf -> refused below
+            vector = _numbers(value, where).astype(np.float32)
     else:
         raise bad(f"{where} must be an array of numbers or a base64 string")
     if not np.isfinite(vector).all():
         raise bad(f"{where} must contain finite float32 numbers")
     return vector
+
+
+def _numbers(value: list, where: str) -> np.ndarray:
+    """A JSON array of numbers as a 1-D float or int array.
+
+    numpy reads a plain array of numbers in one pass (a type check per element
+    in Python cost as much again). It reads true/false as 1/0, so a bool can
+    only hide where the array is 0 or 1: only those places are looked at.
+    Anything else unusual (strings, nulls, nesting, integers beyond 64 bits)
+    takes the exact path: a type check per element.
+    """
+    try:
+        array = np.array(value)
+    except ValueError:  # ragged nesting
+        array = None
+    if array is not None and array.ndim == 1 and array.dtype.kind in "fi":
+        maybe_bool = np.flatnonzero((array == 0) | (array == 1))
+        if not any(type(value[i]) is bool for i in maybe_bool):
+            return array
+    if not set(map(type, value)) <= _NUMBER_TYPES:
+        raise bad(f"{where} must be an array of numbers")
+    try:
+        return np.array(value, dtype=np.float64)
+    except OverflowError:
+        raise bad(f"{where} must contain finite numbers") from None
 
 
 def _from_base64(value: str, where: str) -> np.ndarray:

@@ -32,6 +32,7 @@ MAX_DISTANCE = 2.0
 FULL_MATRIX_MAX_N = 4000  # up to here one (n, n) matrix (64 MB); above, row tiles
 TILE_BYTES = 128 << 20  # float32 similarities held per tile
 TILE_MACS = 10**10  # multiply-adds per tile: ~0.1 s of GEMM on one core
+SPLIT_MIN_N = 256  # from here the full matrix is computed as two row blocks (two threads)
 BATCH_ROWS = 1024  # small components share one distance matrix, up to this many rows
 EDGE_EPS = 1e-5  # tile edges are kept up to t + EDGE_EPS: BLAS rounding cannot lose one
 TILE_SHARE = 0.9  # of the reported progress, when there are tiles
@@ -45,18 +46,36 @@ CLIQUE_MARGIN = 1e-9
 def distance_matrix(unit: np.ndarray) -> np.ndarray:
     """(n, n) float32 cosine distances of L2-normalised rows.
 
-    One float32 matrix product (much faster than `pdist`), clipped to [0, 2]:
+    Float32 matrix products (much faster than `pdist`), clipped to [0, 2]:
     float error makes `1 - x·x` slightly negative, which `fcluster` rejects.
     A zero row is at distance 2 from everything, so it never merges below 2.
     """
-    distances = unit @ unit.T
-    np.subtract(1.0, distances, out=distances)
-    np.clip(distances, 0.0, MAX_DISTANCE, out=distances)
-    zero_rows = ~unit.any(axis=1)
-    distances[zero_rows, :] = MAX_DISTANCE
-    distances[:, zero_rows] = MAX_DISTANCE
-    np.fill_diagonal(distances, 0.0)
+    distances = np.empty((len(unit), len(unit)), dtype=np.float32)
+    for r0, r1 in distance_blocks(len(unit)):
+        distance_rows(unit, r0, r1, distances)
     return distances
+
+
+def distance_blocks(n: int) -> list[tuple[int, int]]:
+    """The row blocks `distance_matrix` computes separately, so that threads can share
+    the work. Fixed by n alone: BLAS may round a product differently by its shape,
+    and the distances must not depend on how many threads computed them."""
+    half = (n + 1) // 2
+    return [(0, half), (half, n)] if n >= SPLIT_MIN_N else [(0, n)]
+
+
+def distance_rows(unit: np.ndarray, r0: int, r1: int, out: np.ndarray) -> np.ndarray:
+    """Rows r0..r1 of `distance_matrix(unit)`, written into out[r0:r1]; returns `out`."""
+    n = len(unit)
+    block = out[r0:r1]
+    np.matmul(unit[r0:r1], unit.T, out=block)
+    np.subtract(1.0, block, out=block)
+    np.clip(block, 0.0, MAX_DISTANCE, out=block)
+    zero_rows = ~unit.any(axis=1)
+    block[zero_rows[r0:r1], :] = MAX_DISTANCE
+    block[:, zero_rows] = MAX_DISTANCE
+    block.reshape(-1)[np.arange(r1 - r0) * (n + 1) + r0] = 0.0  # the diagonal
+    return out
 
 
 def float32_cutoff(threshold: float) -> np.float32:
@@ -124,7 +143,8 @@ class Clustering:
     (`distance_matrix`, the guard, `cluster_labels`) label for label, whatever
     the width:
 
-    * n <= full_max_n: one piece does exactly that.
+    * n <= full_max_n: exactly that: `distance_blocks` are the pieces of one
+      step, the guard and `cluster_labels` the next.
     * Larger n: one piece per row tile of the upper triangle of `unit @ unit.T`
       keeps the pairs within t + EDGE_EPS that the guard lets through; the
       bookkeeping unites them into components (memory: one tile, ~128 MB, per
@@ -159,6 +179,8 @@ class Clustering:
         self._components = _Components(n)
         self._buffers: list[tuple[np.ndarray, np.ndarray]] = []  # per concurrent tile: similarities, mask
         self._batches: list[list[np.ndarray]] = [] if large or n < 2 else [[np.arange(n)]]
+        self._full: np.ndarray | None = None  # the full path's distance matrix, once computed
+        self._full_blocks = [] if large or n < 2 else distance_blocks(n)
         self._done_batches = 0
         self._raw = np.arange(n, dtype=np.int64)  # cluster ids; a batch gives its rows ids >= n
         self._next_id = n
@@ -172,6 +194,9 @@ class Clustering:
         """The next step's independent pieces of work (at most `width`)."""
         if self.threshold >= MAX_DISTANCE:
             return [self._count_all_guarded]
+        if self._full_blocks and self._full is None:
+            distances = np.empty((len(self.unit), len(self.unit)), dtype=np.float32)
+            return [partial(distance_rows, self.unit, r0, r1, distances) for r0, r1 in self._full_blocks]
         if self._done_tiles < len(self._tiles):
             tiles = self._tiles[self._done_tiles : self._done_tiles + width]
             while len(self._buffers) < len(tiles):  # reused: fresh ~100 MB arrays cost page faults
@@ -187,6 +212,9 @@ class Clustering:
             self.labels = np.zeros(len(self.unit), dtype=np.int64)
             (self.guarded_pairs,) = results[0]
             return 1.0
+        if self._full_blocks and self._full is None:
+            self._full = results[0]
+            return 0.5  # the distance matrix is done; the linkage is next
         if self._done_tiles < len(self._tiles):
             for first, second, guarded in results:
                 self._components.add(first, second)
@@ -260,7 +288,7 @@ class Clustering:
         """Exact distances, guard and linkage for a few components at once:
         their rows, local labels, and how many pairs the guard separated."""
         index = np.concatenate(groups)
-        distances = distance_matrix(self.unit[index])
+        distances = distance_matrix(self.unit[index]) if self._full is None else self._full
         if len(groups) > 1:
             block = np.repeat(np.arange(len(groups)), [len(g) for g in groups])
             distances[block[:, None] != block[None, :]] = MAX_DISTANCE

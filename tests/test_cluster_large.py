@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import pipeline.cluster
-from pipeline.cluster import Clustering, cluster_labels, distance_matrix, tile_rows
+from pipeline.cluster import Clustering, cluster_labels, distance_blocks, distance_matrix, tile_rows
 from pipeline.embed import l2_normalise
 from pipeline.guards import NumberGuard, apply_number_guard
 from pipeline.offload import INLINE, Threads
@@ -92,6 +92,22 @@ def test_a_step_runs_as_many_pieces_as_the_offload_is_wide(monkeypatch):
     expected = full(unit, 0.3, "average")[0].tolist()
     assert steps(INLINE) == (tiles + 1, expected)
     assert steps(Threads(4)) == (-(-tiles // 4) + 1, expected)
+
+
+@pytest.mark.parametrize("n", [2, 3, 255, 256, 257, 600])
+def test_the_full_path_computes_its_matrix_in_blocks_then_links(n):
+    """Below FULL_MATRIX_MAX_N: one step for the distance matrix's row blocks (one or
+    two, fixed by n), one for the linkage; the labels and guard count of the
+    reference, whether the blocks ran one after the other or at once."""
+    rng = np.random.default_rng(n)
+    unit, texts = planted(rng, n, 32), numbered_texts(rng, n)
+    expected = full(unit, 0.3, "average", texts)
+    assert len(distance_blocks(n)) == (2 if n >= 256 else 1)
+    for offload in (INLINE, WIDE):
+        job = Clustering(unit, 0.3, "average", NumberGuard(texts))
+        assert job.step(offload) == 0.5
+        assert job.step(offload) == 1.0
+        assert (job.labels.tolist(), job.guarded_pairs) == (expected[0].tolist(), expected[1])
 
 
 @pytest.mark.parametrize("method", METHODS)

@@ -150,6 +150,13 @@ def test_base64_embedding_decodes_little_endian_float32():
     assert chunk.embedding.tolist() == np.asarray(values, dtype=np.float32).tolist()
 
 
+def test_list_embeddings_of_zeros_ones_and_big_integers_are_numbers():
+    [a, b] = parse({"chunks": [{"embedding": [0, 1, 0.0, 1.0, -0.0]}, {"embedding": [2**70, 1, -(2**63), 0.5, 3]}]}).chunks
+    assert a.embedding.dtype == b.embedding.dtype == np.float32
+    assert a.embedding.tolist() == [0.0, 1.0, 0.0, 1.0, 0.0]
+    assert b.embedding.tolist() == np.array([2.0**70, 1, -(2.0**63), 0.5, 3], dtype=np.float32).tolist()
+
+
 def test_base64_and_list_embeddings_agree():
     values = np.random.default_rng(7).standard_normal(16).astype(np.float32)
     from_b64 = parse({"chunks": [{"embedding": b64(values)}]}).chunks[0].embedding
@@ -230,6 +237,11 @@ BAD_BODIES = [
     pytest.param({"chunks": [{"text": "a", "score": math.nan}]}, "chunks[0].score", id="score-nan"),
     pytest.param({"chunks": [{"embedding": ["1"]}]}, "chunks[0].embedding", id="vector-strings"),
     pytest.param({"chunks": [{"embedding": [True]}]}, "chunks[0].embedding", id="vector-bools"),
+    pytest.param({"chunks": [{"embedding": [0.5, True]}]}, "chunks[0].embedding", id="vector-float-and-true"),
+    pytest.param({"chunks": [{"embedding": [0.5, False, 0.0]}]}, "chunks[0].embedding", id="vector-float-and-false"),
+    pytest.param({"chunks": [{"embedding": [1, 0, True]}]}, "chunks[0].embedding", id="vector-int-and-true"),
+    pytest.param({"chunks": [{"embedding": [0.5, "1"]}]}, "chunks[0].embedding", id="vector-float-and-string"),
+    pytest.param({"chunks": [{"embedding": [[1], 2]}]}, "chunks[0].embedding", id="vector-ragged"),
     pytest.param({"chunks": [{"embedding": [[1, 2]]}]}, "chunks[0].embedding", id="vector-nested"),
     pytest.param({"chunks": [{"embedding": [1, None]}]}, "chunks[0].embedding", id="vector-null-item"),
     pytest.param({"chunks": [{"embedding": {"0": 1}}]}, "chunks[0].embedding", id="vector-object"),
