@@ -92,7 +92,7 @@ def vectors(server: Server) -> None:
             for form in ("numbers", "base64"):
                 payload = _vectors_body(x, form)
                 reset_peak_rss(workers)
-                wall, latency = _post_timed(server, payload, repeat=3 if n <= 2000 else 1)
+                wall, latency = _post_timed(server, payload, repeat=5 if n <= 2000 else 1)
                 rows.append([
                     n, d, "yes" if duplicates else "no", form, len(payload) / 1e6, bare * 1000,
                     latency, wall * 1000, wall / bare, peak_rss_mb(workers),

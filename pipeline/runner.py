@@ -6,14 +6,15 @@ between two events stops the work: no later batch or stage runs.
 
 CPU-heavy steps go through an `Offload` (see `offload.py`): inline by default;
 a server passes one that runs them on a thread pool so its event loop keeps
-serving other requests meanwhile. Each offloaded call is one bounded step (one
-embedding batch; one clustering tile or batch per thread), which is how far
-work can run on after a client leaves.
+serving other requests meanwhile. A step is bounded: `offload.width`
+embedding batches, clustering tiles or batches of components at once, one per
+thread; that is how far work can run on after a client leaves.
 """
 
 from __future__ import annotations
 
 import time
+from functools import partial
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
@@ -154,13 +155,16 @@ def _embed(
     found = cache.get_many(dict.fromkeys(wanted)) if cache is not None else {}
     unique = [text for text in dict.fromkeys(wanted) if text not in found]
     last_report = clock()
-    batches = length_sorted_batches(unique, embedder.batch_size)
-    for done, batch in enumerate(batches, start=1):
-        texts = [unique[i] for i in batch]
-        computed = dict(zip(texts, offload(embedder.embed, texts)))
+    batches = [[unique[i] for i in batch] for batch in length_sorted_batches(unique, embedder.batch_size)]
+    for start in range(0, len(batches), offload.width):  # `width` batches at once (vectors do not
+        group = batches[start : start + offload.width]  # depend on the batch: tested)
+        computed = {}
+        for texts, vectors in zip(group, offload.all([partial(embedder.embed, texts) for texts in group])):
+            computed.update(zip(texts, vectors))
         found.update(computed)
         if cache is not None:
             cache.put_many(computed)
+        done = start + len(group)
         if done < len(batches) and clock() - last_report >= PROGRESS_INTERVAL_S:
             last_report = clock()
             yield done / len(batches)

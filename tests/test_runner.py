@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from pipeline.embed import EmbeddingCache, l2_normalise
+from pipeline.offload import INLINE, Threads
 from pipeline.runner import Defaults, drain, run
 from pipeline.types import Chunk, DedupeRequest, Result, StageError, StageEvent
 
@@ -103,6 +104,22 @@ def test_only_missing_vectors_are_embedded_and_identical_texts_once(embedder):
     result = drain(run(DedupeRequest(chunks=chunks), counting))
     assert counting.batches == [["A man is playing a flute.", "A plane is taking off."]]
     assert [c.id for c in result.chunks] == ["v", "c"]
+
+
+def test_batches_embedded_two_at_a_time_give_the_same_events_and_result(embedder):
+    """A server's offload runs `width` batches at once: every event and the result
+    (latency aside) are those of one batch at a time."""
+    def events(offload):
+        counting = CountingModel(embedder, batch_size=2)
+        items = list(run(text_request(target_k=3), counting, offload=offload, clock=lambda: 0.0))
+        return items, sorted(map(tuple, counting.batches))
+
+    wide = Threads(2)
+    try:
+        assert events(wide) == events(INLINE)
+    finally:
+        wide.close()
+    assert len(events(INLINE)[1]) == 3
 
 
 def test_closing_the_generator_stops_all_further_work(embedder):
