@@ -15,7 +15,7 @@ tile plus the largest component's matrix instead of n².
 from __future__ import annotations
 
 from functools import partial
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 from scipy import sparse
@@ -190,8 +190,9 @@ class Clustering:
         results = offload.all(self._next_pieces(offload.width))
         return offload(self._absorb, results)
 
-    def _next_pieces(self, width: int) -> list[Callable[[], tuple]]:
-        """The next step's independent pieces of work (at most `width`)."""
+    def _next_pieces(self, width: int) -> list[Callable[[], Any]]:
+        """The next step's independent pieces of work: at most `width` tiles or batches,
+        or all the full matrix's row blocks (there are at most two)."""
         if self.threshold >= MAX_DISTANCE:
             return [self._count_all_guarded]
         if self._full_blocks and self._full is None:
@@ -206,7 +207,7 @@ class Clustering:
         batches = self._batches[self._done_batches : self._done_batches + width]
         return [partial(self._batch_labels, groups) for groups in batches]
 
-    def _absorb(self, results: list[tuple]) -> float:
+    def _absorb(self, results: list[Any]) -> float:
         """Fold the pieces' results in, in order (so the outcome does not depend on width)."""
         if self.threshold >= MAX_DISTANCE:
             self.labels = np.zeros(len(self.unit), dtype=np.int64)
