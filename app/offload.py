@@ -5,8 +5,9 @@ inline, it would freeze the worker's event loop: no `/health`, no heartbeat,
 no other request. gevent's thread pool runs it on a real thread while the
 calling greenlet waits and the loop keeps serving. The pool's size bounds how
 many CPU jobs one worker runs at once; the rest wait their turn. It is the
-`pipeline.offload.Offload` the runner is given: `all` spreads a large-n
-clustering step's tiles over the pool's threads.
+`pipeline.offload.Offload` the runner is given: `all` spreads one step's
+embedding batches or clustering blocks over the pool's threads, so a lone
+request uses both cores.
 """
 
 from __future__ import annotations

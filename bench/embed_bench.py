@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import time
 
-import numpy as np
-
 from pipeline.embed import FastEmbedModel, length_sorted_batches
 from pipeline.offload import Threads
 from pipeline.runner import drain, run

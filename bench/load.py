@@ -13,7 +13,6 @@ import json
 import random
 import signal
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 

@@ -14,8 +14,8 @@ thread; that is how far work can run on after a client leaves.
 from __future__ import annotations
 
 import time
-from functools import partial
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable, Iterator, Sequence
 
 import numpy as np

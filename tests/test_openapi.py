@@ -20,7 +20,6 @@ import math
 import re
 
 import jsonschema
-import pytest
 import schemathesis
 from hypothesis import HealthCheck, settings
 from openapi_spec_validator import validate as validate_openapi
