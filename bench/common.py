@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import platform
-from pathlib import Path
 import statistics
 import time
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
+
+from pipeline.cluster import tile_rows
+
+BARE_MAX_N = 20_000  # X @ X.T is 1.6 GB at 20k; at 100k it would be 40 GB
 
 
 def best_of(fn: Callable[[], object], repeat: int = 5) -> float:
@@ -20,6 +24,16 @@ def best_of(fn: Callable[[], object], repeat: int = 5) -> float:
         fn()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def seconds_for(fn: Callable[[], object], n: int, repeat: int) -> float:
+    """`best_of(fn, repeat)` up to BARE_MAX_N; above, one cold run (a warm-up
+    would double a case that takes ~40 s)."""
+    if n <= BARE_MAX_N:
+        return best_of(fn, repeat)
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
 
 
 def table(title: str, header: list[str], rows: list[list[object]]) -> None:
@@ -53,6 +67,19 @@ def unit_vectors(n: int, d: int, duplicates: bool, seed: int = 0) -> np.ndarray:
         source = rng.integers(0, n - copies, copies)
         vectors[n - copies :] = vectors[source] + 0.1 * rng.normal(size=(copies, d)).astype(np.float32)
     return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+
+
+def bare_product(x: np.ndarray) -> None:
+    """The least an exact method that looks at every pair must do: X @ X.T or, above
+    BARE_MAX_N where that does not fit, the clustering tiles' products alone."""
+    n, d = x.shape
+    if n <= BARE_MAX_N:
+        x @ x.T
+        return
+    tiles = tile_rows(n, d)
+    buffer = np.empty(max((r1 - r0) * (n - r0) for r0, r1 in tiles), dtype=np.float32)
+    for r0, r1 in tiles:
+        np.matmul(x[r0:r1], x[r0:].T, out=buffer[: (r1 - r0) * (n - r0)].reshape(r1 - r0, n - r0))
 
 
 def worker_pids(master_pid: int) -> list[int]:

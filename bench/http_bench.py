@@ -7,14 +7,14 @@ import json
 import statistics
 import threading
 import time
+from functools import partial
 
 import numpy as np
 import orjson
 
-from pipeline.cluster import tile_rows
 from tests.support import Server, SSEParser, synthetic_texts
 
-from .common import best_of, peak_rss_mb, reset_peak_rss, table, unit_vectors, worker_pids
+from .common import bare_product, peak_rss_mb, reset_peak_rss, seconds_for, table, unit_vectors, worker_pids
 
 
 VECTOR_CASES = [(n, 384) for n in (100, 1_000, 2_000, 10_000, 100_000)]
@@ -87,7 +87,7 @@ def vectors(server: Server) -> None:
     for n, d in VECTOR_CASES:
         for duplicates in (False, True):
             x = unit_vectors(n, d, duplicates)
-            bare = _bare_seconds(x)
+            bare = seconds_for(partial(bare_product, x), n, repeat=3)
             for form in ("numbers", "base64"):
                 payload = _vectors_body(x, form)
                 reset_peak_rss(workers)
@@ -102,18 +102,6 @@ def vectors(server: Server) -> None:
          "server latency_ms", "client wall ms", "wall × bare", "worker peak MB"],
         rows,
     )
-
-
-def _bare_seconds(x: np.ndarray) -> float:
-    if len(x) <= 20_000:
-        return best_of(lambda: x @ x.T, repeat=3)
-    n, d = x.shape
-    tiles = tile_rows(n, d)
-    buffer = np.empty(max((r1 - r0) * (n - r0) for r0, r1 in tiles), dtype=np.float32)
-    start = time.perf_counter()
-    for r0, r1 in tiles:
-        np.matmul(x[r0:r1], x[r0:].T, out=buffer[: (r1 - r0) * (n - r0)].reshape(r1 - r0, n - r0))
-    return time.perf_counter() - start
 
 
 def _vectors_body(x: np.ndarray, form: str) -> bytes:

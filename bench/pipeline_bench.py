@@ -16,19 +16,15 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
+from functools import partial
 from pathlib import Path
 
-import numpy as np
-
-from pipeline.cluster import tile_rows
 from pipeline.offload import INLINE, Threads
 from pipeline.runner import run
 from pipeline.types import Chunk, DedupeRequest, Result, StageEvent
 
-from .common import best_of, table, unit_vectors
+from .common import BARE_MAX_N, bare_product, peak_rss_mb, reset_peak_rss, seconds_for, table, unit_vectors
 
-BARE_MAX_N = 20_000  # X @ X.T is 1.6 GB here; at 100k it would be 40 GB
 CASES = [(n, 384) for n in (100, 1_000, 2_000, 10_000, 100_000)]
 CASES += [(n, 1536) for n in (100, 1_000, 2_000, 10_000, 20_000)]
 BLAS_VARS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
@@ -83,7 +79,7 @@ def _case(kind: str, n: int, d: int, dups: bool, threads: int) -> dict:
         target_k=min(n // 10, 100),
     )
     offload = Threads(threads) if threads > 1 else INLINE
-    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM: measure the run, not the input's build
+    reset_peak_rss([os.getpid()])  # measure the run, not the input's build
     result: dict = {}
 
     def ours() -> None:
@@ -93,25 +89,9 @@ def _case(kind: str, n: int, d: int, dups: bool, threads: int) -> dict:
             elif isinstance(item, Result):
                 result["clusters"] = item.cluster_count
 
-    def bare() -> None:
-        if n <= BARE_MAX_N:
-            unit @ unit.T
-            return
-        tiles = tile_rows(n, d)
-        buffer = np.empty(max((r1 - r0) * (n - r0) for r0, r1 in tiles), dtype=np.float32)
-        for r0, r1 in tiles:
-            np.matmul(unit[r0:r1], unit[r0:].T, out=buffer[: (r1 - r0) * (n - r0)].reshape(r1 - r0, n - r0))
-
-    fn = ours if kind == "ours" else bare
-    if n <= BARE_MAX_N:
-        seconds = best_of(fn, repeat=5 if n < 10_000 else 1)
-    else:  # one cold run each for ours and bare
-        start = time.perf_counter()
-        fn()
-        seconds = time.perf_counter() - start
-    status = Path("/proc/self/status").read_text()
-    peak_kb = int(status.split("VmHWM:")[1].split()[0])
-    return dict(result, seconds=seconds, peak_mb=peak_kb // 1024)
+    fn = ours if kind == "ours" else partial(bare_product, unit)
+    seconds = seconds_for(fn, n, repeat=5 if n < 10_000 else 1)
+    return dict(result, seconds=seconds, peak_mb=int(peak_rss_mb([os.getpid()])))
 
 
 if __name__ == "__main__":

@@ -178,9 +178,10 @@ class Clustering:
         self._done_tiles = 0
         self._components = _Components(n)
         self._buffers: list[tuple[np.ndarray, np.ndarray]] = []  # per concurrent tile: similarities, mask
-        self._batches: list[list[np.ndarray]] = [] if large or n < 2 else [[np.arange(n)]]
+        full = not large and n > 1  # one point needs no distances
+        self._full_blocks = distance_blocks(n) if full else []
         self._full: np.ndarray | None = None  # the full path's distance matrix, once computed
-        self._full_blocks = [] if large or n < 2 else distance_blocks(n)
+        self._batches: list[list[np.ndarray]] = [[np.arange(n)]] if full else []  # tiled: planned later
         self._done_batches = 0
         self._raw = np.arange(n, dtype=np.int64)  # cluster ids; a batch gives its rows ids >= n
         self._next_id = n

@@ -181,7 +181,7 @@ def l2_normalise(vectors: np.ndarray) -> np.ndarray:
         wide = vectors[start : start + NORMALISE_ROWS].astype(np.float64)
         norms = np.linalg.norm(wide, axis=1, keepdims=True)
         np.divide(wide, norms, out=wide, where=norms > 0)
-        wide[(norms == 0).ravel()] = 0.0
+        wide[(norms == 0).ravel()] = 0.0  # a zero row, -0.0 included, becomes +0.0
         unit[start : start + NORMALISE_ROWS] = wide
     return unit
 

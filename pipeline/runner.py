@@ -156,8 +156,8 @@ def _embed(
     unique = [text for text in dict.fromkeys(wanted) if text not in found]
     last_report = clock()
     batches = [[unique[i] for i in batch] for batch in length_sorted_batches(unique, embedder.batch_size)]
-    for start in range(0, len(batches), offload.width):  # `width` batches at once (vectors do not
-        group = batches[start : start + offload.width]  # depend on the batch: tested)
+    for start in range(0, len(batches), offload.width):  # a text's vector is the same in any batch
+        group = batches[start : start + offload.width]
         computed = {}
         for texts, vectors in zip(group, offload.all([partial(embedder.embed, texts) for texts in group])):
             computed.update(zip(texts, vectors))
