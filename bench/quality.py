@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.cluster import distance_matrix
+from pipeline.distance import distance_matrix
 from pipeline.embed import BUNDLED_MODEL, FastEmbedModel
 from pipeline.guards import apply_number_guard
 from pipeline.profiles import GO_THRESHOLD, model_threshold

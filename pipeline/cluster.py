@@ -5,16 +5,18 @@ naive loop "merge the closest pair of clusters while their linkage distance is
 <= t" (average, single and complete linkage have no inversions), in O(n²)
 instead of the Go service's O(n³).
 
-Large n: no cluster at cut t spans two connected components of the graph
-"distance <= t" (a linkage distance is never below the single-linkage one), so
-`Clustering` finds those components from row tiles of similarities, keeping
-only the edges, and runs the linkage inside each component: memory is one
-tile plus the largest component's matrix instead of n².
+No cluster at cut t spans two connected components of the graph "distance
+<= t" (a linkage distance is never below the single-linkage one), so
+`Clustering` finds candidate components from row tiles of fast float32
+similarities, keeping only the edges, and runs the linkage inside each
+component on canonical distances (`pipeline.distance`): memory is one tile
+plus the largest component's matrix instead of n², and every decision is the
+same on every machine.
 """
 
 from __future__ import annotations
 
-from functools import partial
+from functools import lru_cache, partial
 from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
@@ -23,59 +25,23 @@ from scipy.cluster.hierarchy import fcluster, linkage
 from scipy.sparse.csgraph import connected_components
 from scipy.spatial.distance import squareform
 
+from .distance import MAX_DISTANCE, candidate_margin, distance_matrix, pair_distances
 from .offload import INLINE, Offload
 
 if TYPE_CHECKING:
     from .guards import NumberGuard
 
-MAX_DISTANCE = 2.0
-FULL_MATRIX_MAX_N = 4000  # up to here one (n, n) matrix (64 MB); above, row tiles
 TILE_BYTES = 128 << 20  # float32 similarities held per tile
 TILE_MACS = 10**10  # multiply-adds per tile: ~0.1 s of GEMM on one core
-SPLIT_MIN_N = 256  # from here the full matrix is computed as two row blocks (two threads)
+SPLIT_MIN_N = 256  # from here a lone tile is split in two of equal work (two threads)
 BATCH_ROWS = 1024  # small components share one distance matrix, up to this many rows
-EDGE_EPS = 1e-5  # tile edges are kept up to t + EDGE_EPS: BLAS rounding cannot lose one
-TILE_SHARE = 0.9  # of the reported progress, when there are tiles
+PRODUCT_MIN_ROWS = 32  # a component this big gets its own float64 product
+TILE_SHARE = 0.9  # of the reported progress
 _PENDING_EDGES = 1 << 22
 # A component whose pairwise distances are all <= t is one cluster: average and complete
 # linkage distances never exceed the largest pairwise one. The margin covers float64
 # rounding in scipy's running averages (relative error ~1e-16 per merge).
 CLIQUE_MARGIN = 1e-9
-
-
-def distance_matrix(unit: np.ndarray) -> np.ndarray:
-    """(n, n) float32 cosine distances of L2-normalised rows.
-
-    Float32 matrix products (much faster than `pdist`), clipped to [0, 2]:
-    float error makes `1 - x·x` slightly negative, which `fcluster` rejects.
-    A zero row is at distance 2 from everything, so it never merges below 2.
-    """
-    distances = np.empty((len(unit), len(unit)), dtype=np.float32)
-    for r0, r1 in distance_blocks(len(unit)):
-        distance_rows(unit, r0, r1, distances)
-    return distances
-
-
-def distance_blocks(n: int) -> list[tuple[int, int]]:
-    """The row blocks `distance_matrix` computes separately, so that threads can share
-    the work. Fixed by n alone: BLAS may round a product differently by its shape,
-    and the distances must not depend on how many threads computed them."""
-    half = (n + 1) // 2
-    return [(0, half), (half, n)] if n >= SPLIT_MIN_N else [(0, n)]
-
-
-def distance_rows(unit: np.ndarray, r0: int, r1: int, out: np.ndarray) -> np.ndarray:
-    """Rows r0..r1 of `distance_matrix(unit)`, written into out[r0:r1]; returns `out`."""
-    n = len(unit)
-    block = out[r0:r1]
-    np.matmul(unit[r0:r1], unit.T, out=block)
-    np.subtract(1.0, block, out=block)
-    np.clip(block, 0.0, MAX_DISTANCE, out=block)
-    zero_rows = ~unit.any(axis=1)
-    block[zero_rows[r0:r1], :] = MAX_DISTANCE
-    block[:, zero_rows] = MAX_DISTANCE
-    block.reshape(-1)[np.arange(r1 - r0) * (n + 1) + r0] = 0.0  # the diagonal
-    return out
 
 
 def float32_cutoff(threshold: float) -> np.float32:
@@ -139,20 +105,23 @@ class Clustering:
     the fraction done; once it returns 1.0, `labels` ((n,) int, as
     `cluster_labels` numbers them) and `guarded_pairs` are set. A step is up
     to `offload.width` independent pieces run at once (`offload.all`), then a
-    short bookkeeping call. The result is the full-matrix result
-    (`distance_matrix`, the guard, `cluster_labels`) label for label, whatever
-    the width:
+    short bookkeeping call. The result is the reference's label for label
+    (`distance_matrix`, the guard, `cluster_labels` on the whole matrix),
+    whatever the width, the tile sizes or the BLAS kernel:
 
-    * n <= full_max_n: exactly that: `distance_blocks` are the pieces of one
-      step, the guard and `cluster_labels` the next.
-    * Larger n: one piece per row tile of the upper triangle of `unit @ unit.T`
-      keeps the pairs within t + EDGE_EPS that the guard lets through; the
-      bookkeeping unites them into components (memory: one tile, ~128 MB, per
-      piece at once, plus the edges). Then one piece per batch of components:
-      each component's own distance matrix, guard and `cluster_labels`; small
-      components share one matrix with the pairs across them set to 2. Memory
-      is bounded by the largest component (~14 m² bytes for m members, mostly
-      scipy's linkage).
+    * Tiles: one piece per row tile of the upper triangle of the float32
+      `unit @ unit.T`, keeping the pairs that may be within t (`candidate_margin`
+      covers the product's rounding) and that the guard lets through; the
+      bookkeeping unites them into candidate components (memory: one tile,
+      <= 128 MB, per piece at once, plus the edges). Up to a few thousand rows
+      this is two tiles of equal work, for two threads.
+    * Batches: one piece per batch of components: the components' canonical
+      distances (`pipeline.distance`), guard and `cluster_labels`; small
+      components share one matrix with the pairs across them set to 2. A
+      candidate component may join a few true ones; `cluster_labels` separates
+      them again from the canonical distances, so nothing depends on how the
+      float32 products rounded. Memory is bounded by the largest component
+      (~14 m² bytes for m members, mostly scipy's linkage).
     * threshold >= 2: every pair merges; no distances are needed.
     """
 
@@ -162,7 +131,6 @@ class Clustering:
         threshold: float,
         method: str = "average",
         guard: NumberGuard | None = None,
-        full_max_n: int | None = None,
         tile_bytes: int | None = None,
     ):
         n, dim = unit.shape
@@ -170,18 +138,14 @@ class Clustering:
         self.labels: np.ndarray | None = None
         self.guarded_pairs = 0
         self._cutoff = float32_cutoff(threshold)
-        self._min_similarity = np.float32(1.0 - float(self._cutoff) - EDGE_EPS)
-        large = n > (FULL_MATRIX_MAX_N if full_max_n is None else full_max_n)
-        self._tiles = tile_rows(n, dim, TILE_BYTES if tile_bytes is None else tile_bytes) if large else []
+        self._min_similarity = np.float32(1.0 - float(self._cutoff) - candidate_margin(unit))
+        self._tiles = tile_rows(n, dim, TILE_BYTES if tile_bytes is None else tile_bytes)
         work = np.cumsum([(r1 - r0) * (n - r0) for r0, r1 in self._tiles], dtype=np.float64)
         self._tile_progress = TILE_SHARE * work / (work[-1] if len(work) else 1.0)
         self._done_tiles = 0
         self._components = _Components(n)
         self._buffers: list[tuple[np.ndarray, np.ndarray]] = []  # per concurrent tile: similarities, mask
-        full = not large and n > 1  # one point needs no distances
-        self._full_blocks = distance_blocks(n) if full else []
-        self._full: np.ndarray | None = None  # the full path's distance matrix, once computed
-        self._batches: list[list[np.ndarray]] = [[np.arange(n)]] if full else []  # tiled: planned later
+        self._batches: list[list[np.ndarray]] = []  # planned once the tiles are done
         self._done_batches = 0
         self._raw = np.arange(n, dtype=np.int64)  # cluster ids; a batch gives its rows ids >= n
         self._next_id = n
@@ -192,13 +156,9 @@ class Clustering:
         return offload(self._absorb, results)
 
     def _next_pieces(self, width: int) -> list[Callable[[], Any]]:
-        """The next step's independent pieces of work: at most `width` tiles or batches,
-        or all the full matrix's row blocks (there are at most two)."""
+        """The next step's independent pieces of work: at most `width` tiles or batches."""
         if self.threshold >= MAX_DISTANCE:
             return [self._count_all_guarded]
-        if self._full_blocks and self._full is None:
-            distances = np.empty((len(self.unit), len(self.unit)), dtype=np.float32)
-            return [partial(distance_rows, self.unit, r0, r1, distances) for r0, r1 in self._full_blocks]
         if self._done_tiles < len(self._tiles):
             tiles = self._tiles[self._done_tiles : self._done_tiles + width]
             while len(self._buffers) < len(tiles):  # reused: fresh ~100 MB arrays cost page faults
@@ -214,26 +174,21 @@ class Clustering:
             self.labels = np.zeros(len(self.unit), dtype=np.int64)
             (self.guarded_pairs,) = results[0]
             return 1.0
-        if self._full_blocks and self._full is None:
-            self._full = results[0]
-            return 0.5  # the distance matrix is done; the linkage is next
         if self._done_tiles < len(self._tiles):
             for first, second, guarded in results:
                 self._components.add(first, second)
                 self.guarded_pairs += guarded
             self._done_tiles += len(results)
-            if self._done_tiles == len(self._tiles):
-                self._batches = self._plan_batches()
-            return float(self._tile_progress[self._done_tiles - 1])
-        for index, local, guarded in results:
-            self._raw[index] = self._next_id + local
-            self._next_id += int(local.max()) + 1
-            if not self._tiles:  # in the tiled path the tiles counted them
-                self.guarded_pairs += guarded
-        self._done_batches += len(results)
+            if self._done_tiles < len(self._tiles):
+                return float(self._tile_progress[self._done_tiles - 1])
+            self._batches = self._plan_batches()
+        else:
+            for index, local in results:
+                self._raw[index] = self._next_id + local
+                self._next_id += int(local.max()) + 1
+            self._done_batches += len(results)
         if self._done_batches < len(self._batches):
-            share = TILE_SHARE if self._tiles else 0.0
-            return share + (1 - share) * self._done_batches / len(self._batches)
+            return TILE_SHARE + (1 - TILE_SHARE) * self._done_batches / len(self._batches)
         self.labels = first_member_order(self._raw)
         return 1.0
 
@@ -241,8 +196,8 @@ class Clustering:
         return (self.guard.count_separated() if self.guard is not None else 0,)
 
     def _tile_edges(self, slot: int, r0: int, r1: int) -> tuple[np.ndarray, np.ndarray, int]:
-        """Similarities of rows r0..r1 with rows r0..n: the pairs i < j within t + eps
-        that the guard lets through, and how many pairs within t the guard separated."""
+        """Similarities of rows r0..r1 with rows r0..n: the pairs i < j that may be within t
+        and that the guard lets through, and how many pairs within t the guard separated."""
         unit, width = self.unit, len(self.unit) - r0
         entries = (r1 - r0) * width
         similarities, mask = (buffer[:entries] for buffer in self._buffers[slot])
@@ -251,28 +206,17 @@ class Clustering:
         flat = np.flatnonzero(mask)  # (much faster than a 2-D np.nonzero)
         rows, cols = np.divmod(flat, width)
         upper = cols > rows
-        flat, first, second = flat[upper], rows[upper] + r0, cols[upper] + r0
+        first, second = rows[upper] + r0, cols[upper] + r0
         if self._min_similarity <= 0:  # zero vectors are at distance 2 from everything
             nonzero = unit[first].any(axis=1) & unit[second].any(axis=1)
-            flat, first, second = flat[nonzero], first[nonzero], second[nonzero]
+            first, second = first[nonzero], second[nonzero]
         guarded = 0
         if self.guard is not None and len(first):
             separated = self.guard.separates(first, second)
-            guarded = self._count_guarded(first[separated], second[separated], similarities[flat[separated]])
+            within = pair_distances(unit, first[separated], second[separated]) <= self._cutoff
+            guarded = int(np.count_nonzero(within))
             first, second = first[~separated], second[~separated]
         return first, second, guarded
-
-    def _count_guarded(self, first: np.ndarray, second: np.ndarray, similarities: np.ndarray) -> int:
-        """Count the guarded pairs within the threshold, as `apply_number_guard` on the full
-        matrix would. A tile's GEMM may round differently from `distance_matrix`'s product
-        (BLAS picks kernels by shape), so pairs within EDGE_EPS of the cutoff are recomputed
-        the way `distance_matrix` computes them."""
-        distances = np.clip(np.subtract(1.0, similarities), 0.0, MAX_DISTANCE)
-        count = int(np.count_nonzero(distances < self._cutoff - EDGE_EPS))
-        near = np.flatnonzero(distances >= self._cutoff - EDGE_EPS)
-        for i, j in zip(first[near], second[near]):
-            count += int(distance_matrix(self.unit[[i, j]])[0, 1] <= self._cutoff)
-        return count
 
     def _plan_batches(self) -> list[list[np.ndarray]]:
         """Components of 2+ members (each ascending), packed into batches of <= BATCH_ROWS rows."""
@@ -286,29 +230,61 @@ class Clustering:
             rows += len(group)
         return batches
 
-    def _batch_labels(self, groups: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, int]:
-        """Exact distances, guard and linkage for a few components at once:
-        their rows, local labels, and how many pairs the guard separated."""
-        index = np.concatenate(groups)
-        distances = distance_matrix(self.unit[index]) if self._full is None else self._full
-        if len(groups) > 1:
-            block = np.repeat(np.arange(len(groups)), [len(g) for g in groups])
-            distances[block[:, None] != block[None, :]] = MAX_DISTANCE
-        guarded = self.guard.apply(distances, self.threshold, index) if self.guard is not None else 0
-        return index, cluster_labels(distances, self.threshold, self.method), guarded
+    def _batch_labels(self, groups: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """Canonical distances, guard and linkage for a few components at once:
+        their rows and local labels."""
+        index, distances = component_distances(self.unit, groups)
+        if self.guard is not None:
+            self.guard.apply(distances, self.threshold, index)
+        return index, cluster_labels(distances, self.threshold, self.method)
+
+
+def component_distances(unit: np.ndarray, groups: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """The rows of `groups` (concatenated) and their canonical distance matrix, with the
+    pairs across groups at 2. Big groups take one float64 product each; the small ones'
+    pairs are computed together."""
+    index = np.concatenate(groups)
+    distances = np.full((len(index), len(index)), MAX_DISTANCE, dtype=np.float32)
+    small_first, small_second = [], []
+    start = 0
+    for group in groups:
+        end = start + len(group)
+        if len(group) >= PRODUCT_MIN_ROWS:
+            distances[start:end, start:end] = distance_matrix(unit[group])
+        else:
+            first, second = _upper_pairs(len(group))
+            small_first.append(first + start)
+            small_second.append(second + start)
+        start = end
+    if small_first:
+        first, second = np.concatenate(small_first), np.concatenate(small_second)
+        values = pair_distances(unit, index[first], index[second])
+        distances[first, second] = values
+        distances[second, first] = values
+    np.fill_diagonal(distances, 0.0)
+    return index, distances
+
+
+@lru_cache(maxsize=None)
+def _upper_pairs(m: int) -> tuple[np.ndarray, np.ndarray]:
+    return np.triu_indices(m, 1)
 
 
 def tile_rows(n: int, dim: int, tile_bytes: int = TILE_BYTES) -> list[tuple[int, int]]:
     """Row ranges (r0, r1): tile k is rows r0..r1 against columns r0..n (the upper
     triangle), with <= tile_bytes of float32 and <= TILE_MACS multiply-adds.
     At least 2 rows, so every tile is a GEMM (a 1-row product takes the gemv path);
-    the last row alone has no pair above the diagonal."""
+    the last row alone has no pair above the diagonal. A lone tile of SPLIT_MIN_N
+    rows or more is cut in two of about equal work, so two threads share it."""
     tiles, r0 = [], 0
     while r0 < n - 1:
         width = n - r0
         rows = max(2, min(tile_bytes // 4, TILE_MACS // dim) // width)
         tiles.append((r0, min(n, r0 + rows)))
         r0 = tiles[-1][1]
+    if len(tiles) == 1 and n >= SPLIT_MIN_N:
+        cut = round(n * (3 - 5**0.5) / 2)  # cut·n == (n - cut)²: equal products
+        tiles = [(0, cut), (cut, n)]
     return tiles
 
 

@@ -8,7 +8,8 @@ from scipy.cluster.hierarchy import fcluster, linkage
 from scipy.spatial.distance import squareform
 
 import pipeline.cluster
-from pipeline.cluster import cluster_labels, distance_matrix, first_member_order, members
+from pipeline.cluster import cluster_labels, first_member_order, members
+from pipeline.distance import distance_matrix
 from pipeline.embed import l2_normalise
 
 LINKAGE_OF = {"average": np.mean, "single": np.min, "complete": np.max}

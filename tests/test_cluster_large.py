@@ -1,8 +1,8 @@
-"""The tiled large-n clustering gives the full-matrix labels, label for label.
+"""Clustering in tiles and component batches gives the reference's labels, label for label.
 
-The reference is the full path: `distance_matrix`, `apply_number_guard`,
-`cluster_labels`. The tiled path is forced with tiny tiles (a few rows each)
-and tiny component batches, so every case crosses many tile and batch edges.
+The reference is the whole canonical matrix: `distance_matrix`,
+`apply_number_guard`, `cluster_labels`. Tiny tiles (a few rows each) and tiny
+component batches make every case cross many tile and batch edges.
 It runs 3 pieces of work at once on real threads (`Threads(3)`), as a server
 runs 2, unless a test says otherwise.
 """
@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 import pipeline.cluster
-from pipeline.cluster import Clustering, cluster_labels, distance_blocks, distance_matrix, tile_rows
+from pipeline.cluster import SPLIT_MIN_N, Clustering, cluster_labels, tile_rows
+from pipeline.distance import distance_matrix
 from pipeline.embed import l2_normalise
 from pipeline.guards import NumberGuard, apply_number_guard
 from pipeline.offload import INLINE, Threads
@@ -33,7 +34,7 @@ def full(unit, threshold, method, texts=None):
 def tiled(unit, threshold, method, texts=None, tile_bytes=None, offload=WIDE):
     """The tiled path; tiles of about n·rows float32, `rows` = n/8 unless tile_bytes is given."""
     tile_bytes = tile_bytes or 4 * len(unit) * max(2, len(unit) // 8)
-    job = Clustering(unit, threshold, method, NumberGuard(texts) if texts else None, full_max_n=0, tile_bytes=tile_bytes)
+    job = Clustering(unit, threshold, method, NumberGuard(texts) if texts else None, tile_bytes=tile_bytes)
     while job.step(offload) < 1.0:
         pass
     return job.labels, job.guarded_pairs
@@ -83,7 +84,7 @@ def test_a_step_runs_as_many_pieces_as_the_offload_is_wide(monkeypatch):
     assert tiles > 8
 
     def steps(offload):
-        job = Clustering(unit, 0.3, full_max_n=0, tile_bytes=4 * 64 * 4)
+        job = Clustering(unit, 0.3, tile_bytes=4 * 64 * 4)
         count = 1
         while job.step(offload) < 1.0:
             count += 1
@@ -94,19 +95,23 @@ def test_a_step_runs_as_many_pieces_as_the_offload_is_wide(monkeypatch):
     assert steps(Threads(4)) == (-(-tiles // 4) + 1, expected)
 
 
-@pytest.mark.parametrize("n", [2, 3, 255, 256, 257, 600])
-def test_the_full_path_computes_its_matrix_in_blocks_then_links(n):
-    """Below FULL_MATRIX_MAX_N: one step for the distance matrix's row blocks (one or
-    two, fixed by n), one for the linkage; the labels and guard count of the
-    reference, whether the blocks ran one after the other or at once."""
+@pytest.mark.parametrize("n", [2, 3, 255, 256, 257, 600, 3000])
+def test_small_n_is_two_tiles_of_equal_work_from_the_split_size(n):
+    """At default tile sizes a few thousand rows fit one tile; from SPLIT_MIN_N it is cut in
+    two of about equal work, one per thread; the labels and guard count are the
+    reference's whether the tiles ran one after the other or at once."""
     rng = np.random.default_rng(n)
     unit, texts = planted(rng, n, 32), numbered_texts(rng, n)
+    tiles = tile_rows(n, 32)
+    assert len(tiles) == (2 if n >= SPLIT_MIN_N else 1)
+    if len(tiles) == 2:
+        work = [(r1 - r0) * (n - r0) for r0, r1 in tiles]
+        assert max(work) <= 0.51 * sum(work) + n
     expected = full(unit, 0.3, "average", texts)
-    assert len(distance_blocks(n)) == (2 if n >= 256 else 1)
     for offload in (INLINE, WIDE):
         job = Clustering(unit, 0.3, "average", NumberGuard(texts))
-        assert job.step(offload) == 0.5
-        assert job.step(offload) == 1.0
+        while job.step(offload) < 1.0:
+            pass
         assert (job.labels.tolist(), job.guarded_pairs) == (expected[0].tolist(), expected[1])
 
 
@@ -214,12 +219,12 @@ def test_thresholds_on_and_next_to_pairwise_distances(method, seed):
 
 def test_one_point_and_two_points():
     assert tiled(l2_normalise(np.ones((2, 3), dtype=np.float32)), 0.1, "average")[0].tolist() == [0, 0]
-    job = Clustering(np.ones((1, 3), dtype=np.float32), 0.1, full_max_n=0)
+    job = Clustering(np.ones((1, 3), dtype=np.float32), 0.1)
     assert job.step() == 1.0 and job.labels.tolist() == [0]
 
 
 def test_runner_reports_fractional_clustering_progress_per_tile(monkeypatch):
-    """Forced into tiles, the clustering stage reports progress between 0 and 1, rising,
+    """In small tiles, the clustering stage reports progress between 0 and 1, rising,
     and ends with the labels and stats of the full path. The clock moves 1 s per
     reading, so the throttle lets every step through."""
     rng = np.random.default_rng(11)
@@ -234,7 +239,6 @@ def test_runner_reports_fractional_clustering_progress_per_tile(monkeypatch):
         return float(next(ticks))
 
     expected = list(run(request, embedder=None))
-    monkeypatch.setattr(pipeline.cluster, "FULL_MATRIX_MAX_N", 100)
     monkeypatch.setattr(pipeline.cluster, "TILE_BYTES", 4 * 5000)
     items = list(run(request, embedder=None, clock=clock))
     progress = [e for e in items if isinstance(e, StageEvent) and e.stage == "clustering"]

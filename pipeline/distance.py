@@ -1,0 +1,98 @@
+"""Canonical cosine distances: one float32 value per pair, the same on every machine.
+
+A float32 matrix product rounds each entry differently depending on the BLAS
+kernel (AVX2, AVX-512, ...), the matrix shape and the thread count, so a pair
+exactly at the threshold could merge on one machine and not on another. Every
+clustering decision therefore uses the *canonical* distance of a pair:
+
+    float32(clip(1 - a·b, 0, 2)), with a·b the exact dot product of the float32 rows
+
+(a zero row is at distance 2 from everything, and a row at 0 from itself).
+The products of float32 numbers are exact in float64, so a float64 product is
+within `_error_bound` of the exact value; where that interval holds a single
+float32, that is the answer, and the rare pair whose interval straddles a
+float32 rounding boundary (about one in a million) is summed exactly with
+`math.fsum`. Either way the value depends on the two rows alone.
+
+Fast float32 products still find the *candidates* (pairs that may be within
+the threshold): `candidate_margin` bounds their error, so no pair whose
+canonical distance is within the threshold is missed.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+MAX_DISTANCE = 2.0
+_PAIR_BLOCK = 1 << 16  # pairs per block in `pair_distances` (bounded float64 copies)
+
+
+def distance_matrix(unit: np.ndarray) -> np.ndarray:
+    """(n, n) float32 canonical distances between the rows of `unit` ((n, d) float32)."""
+    wide = unit.astype(np.float64)
+    bound = _error_bound(wide, wide)
+    distances = _canonical(1.0 - wide @ wide.T, bound, lambda i, j: _exact(wide[i], wide[j]))
+    zero = ~unit.any(axis=1)
+    distances[zero, :] = MAX_DISTANCE
+    distances[:, zero] = MAX_DISTANCE
+    np.fill_diagonal(distances, 0.0)
+    return distances
+
+
+def pair_distances(unit: np.ndarray, first: np.ndarray, second: np.ndarray) -> np.ndarray:
+    """(e,) float32 canonical distances of the pairs (first[k], second[k]) of rows of `unit`:
+    bit for bit the entries `distance_matrix` gives them."""
+    out = np.empty(len(first), dtype=np.float32)
+    for start in range(0, len(first), _PAIR_BLOCK):
+        rows_a, rows_b = first[start : start + _PAIR_BLOCK], second[start : start + _PAIR_BLOCK]
+        a, b = unit[rows_a].astype(np.float64), unit[rows_b].astype(np.float64)
+        dots = np.einsum("ij,ij->i", a, b)
+        block = _canonical(1.0 - dots, _error_bound(a, b), lambda k: _exact(a[k], b[k]))
+        block[~(a.any(axis=1) & b.any(axis=1))] = MAX_DISTANCE
+        block[rows_a == rows_b] = 0.0
+        out[start : start + _PAIR_BLOCK] = block
+    return out
+
+
+def candidate_margin(unit: np.ndarray) -> float:
+    """How far a float32 product's `1 - a·b` may lie from the canonical distance.
+
+    A float32 dot product of d terms errs by at most about d·2⁻²⁴·|a||b| (any
+    summation order); doubled, plus the final roundings.
+    """
+    return (unit.shape[1] + 8) * 2.0**-23 * max(1.0, _max_norm(unit) ** 2)
+
+
+def _canonical(approx: np.ndarray, bound: float, exact_at) -> np.ndarray:
+    """float32 distances from float64 ones within `bound` of exact: where the interval
+    rounds to one float32, that one; elsewhere `exact_at(*index)`."""
+    low = _to_distance(approx - bound)
+    result = _to_distance(approx + bound)
+    for index in zip(*np.nonzero(low != result)):
+        result[index] = exact_at(*index)
+    return result
+
+
+def _to_distance(values: np.ndarray) -> np.ndarray:
+    return np.clip(values, 0.0, MAX_DISTANCE).astype(np.float32)
+
+
+def _exact(a: np.ndarray, b: np.ndarray) -> np.float32:
+    """The canonical distance by exact summation: each float32·float32 product is exact
+    in float64, and `fsum` rounds their exact sum once."""
+    exact = math.fsum(np.concatenate(([1.0], -(a * b))))
+    return np.float32(min(max(exact, 0.0), MAX_DISTANCE))
+
+
+def _error_bound(a: np.ndarray, b: np.ndarray) -> float:
+    """Bound on |float64 (1 - a·b) - exact| over rows of a and b: d·2⁻⁵³·|a||b| for the
+    sum in any order, doubled, plus the subtraction's rounding."""
+    return (a.shape[1] + 4) * 2.0**-52 * max(1.0, _max_norm(a) * _max_norm(b))
+
+
+def _max_norm(rows: np.ndarray) -> float:
+    if rows.size == 0:
+        return 0.0
+    return float(np.sqrt(np.einsum("ij,ij->i", rows, rows, dtype=np.float64).max()))
