@@ -28,8 +28,9 @@ class Config:
     lambda_: float = 0.5
     model_threshold: float | None = None  # None: the model's calibrated value
     embedding_model: str = BUNDLED_MODEL
-    embed_cache_size: int = 0  # off: see README (each entry ~1.5 KB of vector plus its text)
+    embed_cache_mb: int = 64  # per worker: ~40,000 sentences or short chunks (0: off)
     max_chunks: int = 10_000
+    max_tokens: int = 1_000_000  # tokens to embed per request: ~4 MB of text, ~1 min of model time
     max_body_bytes: int = 64 * MIB
     sse_heartbeat_s: float = 10.0
 
@@ -54,8 +55,9 @@ def load_config(env: Mapping[str, str] | None = None) -> Config:
         lambda_=read("DISTILL_LAMBDA", _bounded(0, 1, open_low=True), defaults.lambda_),
         model_threshold=read("DISTILL_MODEL_THRESHOLD", _bounded(0, 2, open_low=True), None),
         embedding_model=read("DISTILL_EMBEDDING_MODEL", str, defaults.embedding_model),
-        embed_cache_size=read("DISTILL_EMBED_CACHE_SIZE", _count, defaults.embed_cache_size),
+        embed_cache_mb=read("DISTILL_EMBED_CACHE_MB", _count, defaults.embed_cache_mb),
         max_chunks=read("DISTILL_MAX_CHUNKS", _positive_int, defaults.max_chunks),
+        max_tokens=read("DISTILL_MAX_TOKENS", _positive_int, defaults.max_tokens),
         max_body_bytes=read("DISTILL_MAX_BODY_BYTES", _positive_int, defaults.max_body_bytes),
         sse_heartbeat_s=read(
             "DISTILL_SSE_HEARTBEAT_S", _bounded(0, 3600, open_low=True), defaults.sse_heartbeat_s

@@ -76,6 +76,14 @@ def check_model_dimension(request: DedupeRequest, model_dim: int) -> None:
         )
 
 
+def check_token_limit(tokens: int, config: Config) -> None:
+    """A request whose texts to embed hold more tokens than DISTILL_MAX_TOKENS is a 413."""
+    if tokens > config.max_tokens:
+        raise ApiError(
+            413, f"too many tokens to embed: {tokens} > DISTILL_MAX_TOKENS ({config.max_tokens})"
+        )
+
+
 def _chunk(raw: Any, index: int) -> Chunk:
     where = f"chunks[{index}]"
     if not isinstance(raw, dict):

@@ -25,10 +25,12 @@ from scipy.cluster.hierarchy import fcluster, linkage
 from scipy.sparse.csgraph import connected_components
 from scipy.spatial.distance import squareform
 
-from .distance import MAX_DISTANCE, candidate_margin, distance_matrix, pair_distances
+from .coverage import covering_split
+from .distance import MAX_DISTANCE, candidate_margin, distance_matrix, float32_cutoff, pair_distances
 from .offload import INLINE, Offload
 
 if TYPE_CHECKING:
+    from .coverage import Coverage
     from .guards import NumberGuard
 
 TILE_BYTES = 128 << 20  # float32 similarities held per tile
@@ -36,21 +38,11 @@ TILE_MACS = 10**10  # multiply-adds per tile: ~0.1 s of GEMM on one core
 SPLIT_MIN_N = 256  # from here a lone tile is split in two of equal work (two threads)
 BATCH_ROWS = 1024  # small components share one distance matrix, up to this many rows
 PRODUCT_MIN_ROWS = 32  # a component this big gets its own float64 product
-TILE_SHARE = 0.9  # of the reported progress
 _PENDING_EDGES = 1 << 22
 # A component whose pairwise distances are all <= t is one cluster: average and complete
 # linkage distances never exceed the largest pairwise one. The margin covers float64
 # rounding in scipy's running averages (relative error ~1e-16 per merge).
 CLIQUE_MARGIN = 1e-9
-
-
-def float32_cutoff(threshold: float) -> np.float32:
-    """The largest float32 c with c <= threshold: for a float32 distance d,
-    `d <= c` is exactly fcluster's float64 test `d <= threshold`."""
-    cutoff = np.float32(threshold)
-    if float(cutoff) > threshold:
-        cutoff = np.nextafter(cutoff, np.float32(-np.inf))
-    return cutoff
 
 
 def cluster_labels(distances: np.ndarray, threshold: float, method: str = "average") -> np.ndarray:
@@ -103,26 +95,31 @@ class Clustering:
 
     `step(offload)` does one step (~0.1-0.3 s of work per thread) and returns
     the fraction done; once it returns 1.0, `labels` ((n,) int, as
-    `cluster_labels` numbers them) and `guarded_pairs` are set. A step is up
-    to `offload.width` independent pieces run at once (`offload.all`), then a
-    short bookkeeping call. The result is the reference's label for label
-    (`distance_matrix`, the guard, `cluster_labels` on the whole matrix),
-    whatever the width, the tile sizes or the BLAS kernel:
+    `cluster_labels` numbers them), `guarded_by` (pairs within t each guard
+    separated), `guarded_pairs` (their sum) and `eligible` (which chunks may
+    represent their cluster) are set. A step is up to `offload.width`
+    independent pieces run at once (`offload.all`), then a short bookkeeping
+    call. The labels are the reference's label for label (`distance_matrix`,
+    the guards, `cluster_labels` on the whole matrix), whatever the width, the
+    tile sizes or the BLAS kernel:
 
     * Tiles: one piece per row tile of the upper triangle of the float32
       `unit @ unit.T`, keeping the pairs that may be within t (`candidate_margin`
-      covers the product's rounding) and that the guard lets through; the
+      covers the product's rounding) and that the number guard lets through; the
       bookkeeping unites them into candidate components (memory: one tile,
       <= 128 MB, per piece at once, plus the edges). Up to a few thousand rows
       this is two tiles of equal work, for two threads.
+    * Sentences (with the coverage guard): one piece per embedding batch of the
+      sentences of chunks in multi-member candidate components.
     * Batches: one piece per batch of components: the components' canonical
-      distances (`pipeline.distance`), guard and `cluster_labels`; small
-      components share one matrix with the pairs across them set to 2. A
-      candidate component may join a few true ones; `cluster_labels` separates
-      them again from the canonical distances, so nothing depends on how the
-      float32 products rounded. Memory is bounded by the largest component
-      (~14 m² bytes for m members, mostly scipy's linkage).
-    * threshold >= 2: every pair merges; no distances are needed.
+      distances (`pipeline.distance`), guards and `cluster_labels`, then, with the
+      coverage guard, `covering_split`; small components share one matrix with
+      the pairs across them set to 2. A candidate component may join a few true
+      ones; `cluster_labels` separates them again from the canonical distances,
+      so nothing depends on how the float32 products rounded. Memory is bounded
+      by the largest component (~14 m² bytes for m members, mostly scipy's linkage).
+    * threshold >= 2 without the coverage guard: every pair merges; no distances
+      are needed. With it, every chunk is one candidate component.
     """
 
     def __init__(
@@ -131,24 +128,37 @@ class Clustering:
         threshold: float,
         method: str = "average",
         guard: NumberGuard | None = None,
+        coverage: Coverage | None = None,
         tile_bytes: int | None = None,
     ):
         n, dim = unit.shape
-        self.unit, self.threshold, self.method, self.guard = unit, threshold, method, guard
+        self.unit, self.threshold, self.method = unit, threshold, method
+        self.guard, self.coverage = guard, coverage
         self.labels: np.ndarray | None = None
-        self.guarded_pairs = 0
+        self.guarded_by = {g.name: 0 for g in (guard, coverage) if g is not None}
+        self.eligible = np.ones(n, dtype=bool)
         self._cutoff = float32_cutoff(threshold)
         self._min_similarity = np.float32(1.0 - float(self._cutoff) - candidate_margin(unit))
-        self._tiles = tile_rows(n, dim, TILE_BYTES if tile_bytes is None else tile_bytes)
+        everything = threshold >= MAX_DISTANCE
+        self._tiles = [] if everything else tile_rows(n, dim, TILE_BYTES if tile_bytes is None else tile_bytes)
+        self._shares = (0.3, 0.6) if coverage is not None else (0.9, 0.0)  # tiles, sentences
         work = np.cumsum([(r1 - r0) * (n - r0) for r0, r1 in self._tiles], dtype=np.float64)
-        self._tile_progress = TILE_SHARE * work / (work[-1] if len(work) else 1.0)
+        self._tile_progress = self._shares[0] * work / (work[-1] if len(work) else 1.0)
         self._done_tiles = 0
         self._components = _Components(n)
+        if everything and n > 1:
+            self._components.add(np.zeros(n - 1, dtype=np.int64), np.arange(1, n))
         self._buffers: list[tuple[np.ndarray, np.ndarray]] = []  # per concurrent tile: similarities, mask
+        self._sentence_batches: list[list[str]] | None = None  # planned once the tiles are done
+        self._done_sentences = 0
         self._batches: list[list[np.ndarray]] = []  # planned once the tiles are done
         self._done_batches = 0
         self._raw = np.arange(n, dtype=np.int64)  # cluster ids; a batch gives its rows ids >= n
         self._next_id = n
+
+    @property
+    def guarded_pairs(self) -> int:
+        return sum(self.guarded_by.values())
 
     def step(self, offload: Offload = INLINE) -> float:
         """Do the next step; return the fraction done (1.0: finished)."""
@@ -156,8 +166,8 @@ class Clustering:
         return offload(self._absorb, results)
 
     def _next_pieces(self, width: int) -> list[Callable[[], Any]]:
-        """The next step's independent pieces of work: at most `width` tiles or batches."""
-        if self.threshold >= MAX_DISTANCE:
+        """The next step's independent pieces of work: at most `width` of them."""
+        if self.threshold >= MAX_DISTANCE and self.coverage is None:
             return [self._count_all_guarded]
         if self._done_tiles < len(self._tiles):
             tiles = self._tiles[self._done_tiles : self._done_tiles + width]
@@ -165,39 +175,69 @@ class Clustering:
                 size = max((b - a) * (len(self.unit) - a) for a, b in self._tiles)
                 self._buffers.append((np.empty(size, dtype=np.float32), np.empty(size, dtype=bool)))
             return [partial(self._tile_edges, slot, r0, r1) for slot, (r0, r1) in enumerate(tiles)]
+        if self._sentence_batches is None:
+            return []  # the bookkeeping plans the batches
+        if self._done_sentences < len(self._sentence_batches):
+            batches = self._sentence_batches[self._done_sentences : self._done_sentences + width]
+            return [partial(self.coverage.embed_batch, batch) for batch in batches]
         batches = self._batches[self._done_batches : self._done_batches + width]
         return [partial(self._batch_labels, groups) for groups in batches]
 
     def _absorb(self, results: list[Any]) -> float:
         """Fold the pieces' results in, in order (so the outcome does not depend on width)."""
-        if self.threshold >= MAX_DISTANCE:
+        if self.threshold >= MAX_DISTANCE and self.coverage is None:
             self.labels = np.zeros(len(self.unit), dtype=np.int64)
-            (self.guarded_pairs,) = results[0]
+            if self.guard is not None:
+                (self.guarded_by["numbers"],) = results[0]
             return 1.0
         if self._done_tiles < len(self._tiles):
             for first, second, guarded in results:
                 self._components.add(first, second)
-                self.guarded_pairs += guarded
+                if self.guard is not None:
+                    self.guarded_by["numbers"] += guarded
             self._done_tiles += len(results)
             if self._done_tiles < len(self._tiles):
                 return float(self._tile_progress[self._done_tiles - 1])
-            self._batches = self._plan_batches()
-        else:
-            for index, local in results:
+        elif self._sentence_batches is not None and self._done_sentences < len(self._sentence_batches):
+            for computed in results:
+                self.coverage.absorb(computed)
+            self._done_sentences += len(results)
+        elif self._sentence_batches is not None:
+            for index, local, eligible, guarded in results:
                 self._raw[index] = self._next_id + local
                 self._next_id += int(local.max()) + 1
+                self.eligible[index] = eligible
+                for name, count in guarded.items():
+                    self.guarded_by[name] += count
             self._done_batches += len(results)
+        if self._sentence_batches is None:
+            self._plan()
+        return self._progress()
+
+    def _progress(self) -> float:
+        """The fraction done after the tiles; 1.0 (with the labels set) at the end."""
+        tiles_share, sentences_share = self._shares
+        if self._done_sentences < len(self._sentence_batches):
+            return tiles_share + sentences_share * self._done_sentences / len(self._sentence_batches)
         if self._done_batches < len(self._batches):
-            return TILE_SHARE + (1 - TILE_SHARE) * self._done_batches / len(self._batches)
+            done = tiles_share + sentences_share
+            return done + (1 - done) * self._done_batches / len(self._batches)
         self.labels = first_member_order(self._raw)
         return 1.0
+
+    def _plan(self) -> None:
+        """Once the candidate components are known: their batches and, with the coverage
+        guard, the sentences of their members that the model must embed."""
+        self._batches = self._plan_batches()
+        chunks = [int(i) for groups in self._batches for group in groups for i in group]
+        self._sentence_batches = self.coverage.plan(sorted(chunks)) if self.coverage is not None else []
 
     def _count_all_guarded(self) -> tuple[int]:
         return (self.guard.count_separated() if self.guard is not None else 0,)
 
     def _tile_edges(self, slot: int, r0: int, r1: int) -> tuple[np.ndarray, np.ndarray, int]:
         """Similarities of rows r0..r1 with rows r0..n: the pairs i < j that may be within t
-        and that the guard lets through, and how many pairs within t the guard separated."""
+        and that the number guard lets through, and how many pairs within t it separated."""
         unit, width = self.unit, len(self.unit) - r0
         entries = (r1 - r0) * width
         similarities, mask = (buffer[:entries] for buffer in self._buffers[slot])
@@ -230,13 +270,54 @@ class Clustering:
             rows += len(group)
         return batches
 
-    def _batch_labels(self, groups: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        """Canonical distances, guard and linkage for a few components at once:
-        their rows and local labels."""
+    def _batch_labels(self, groups: list[np.ndarray]):
+        """Canonical distances, guards and linkage for a few components at once: their
+        rows, local labels, which may represent their cluster, and the pairs within t
+        each guard separated here (the number guard's were counted in the tiles)."""
         index, distances = component_distances(self.unit, groups)
+        guarded = {}
         if self.guard is not None:
-            self.guard.apply(distances, self.threshold, index)
-        return index, cluster_labels(distances, self.threshold, self.method)
+            counted = self.guard.apply(distances, self.threshold, index)
+            guarded["numbers"] = counted if not self._tiles else 0
+        covers = None
+        if self.coverage is not None:
+            covers = self._coverage_blocks(groups)
+            apart = ~(covers | covers.T)
+            guarded["coverage"] = int(np.count_nonzero(np.triu(apart & (distances <= self._cutoff))))
+            distances[apart] = MAX_DISTANCE
+        labels = cluster_labels(distances, self.threshold, self.method)
+        eligible = np.ones(len(index), dtype=bool)
+        if covers is not None:
+            labels, eligible = _split_uncovered(labels, covers)
+        return index, labels, eligible, guarded
+
+    def _coverage_blocks(self, groups: list[np.ndarray]) -> np.ndarray:
+        """(m, m) bool over the batch's rows: coverage within each group, False across."""
+        size = sum(len(g) for g in groups)
+        covers = np.zeros((size, size), dtype=bool)
+        start = 0
+        for group in groups:
+            end = start + len(group)
+            covers[start:end, start:end] = self.coverage.covers(group)
+            start = end
+        return covers
+
+
+def _split_uncovered(labels: np.ndarray, covers: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Split every cluster that no member covers (`covering_split`); local labels and
+    which members may represent their cluster."""
+    out = np.empty(len(labels), dtype=np.int64)
+    eligible = np.ones(len(labels), dtype=bool)
+    next_label = 0
+    for group in members(labels):
+        if len(group) == 1:
+            out[group] = next_label
+            next_label += 1
+            continue
+        parts, eligible[group] = covering_split(covers[np.ix_(group, group)])
+        out[group] = next_label + parts
+        next_label += int(parts.max()) + 1
+    return out, eligible
 
 
 def component_distances(unit: np.ndarray, groups: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:

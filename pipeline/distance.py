@@ -31,13 +31,18 @@ _PAIR_BLOCK = 1 << 16  # pairs per block in `pair_distances` (bounded float64 co
 
 def distance_matrix(unit: np.ndarray) -> np.ndarray:
     """(n, n) float32 canonical distances between the rows of `unit` ((n, d) float32)."""
-    wide = unit.astype(np.float64)
-    bound = _error_bound(wide, wide)
-    distances = _canonical(1.0 - wide @ wide.T, bound, lambda i, j: _exact(wide[i], wide[j]))
-    zero = ~unit.any(axis=1)
-    distances[zero, :] = MAX_DISTANCE
-    distances[:, zero] = MAX_DISTANCE
+    distances = cross_distances(unit, unit)
     np.fill_diagonal(distances, 0.0)
+    return distances
+
+
+def cross_distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """(m, k) float32 canonical distances between the rows of `a` and those of `b`."""
+    wide_a, wide_b = a.astype(np.float64), b.astype(np.float64)
+    bound = _error_bound(wide_a, wide_b)
+    distances = _canonical(1.0 - wide_a @ wide_b.T, bound, lambda i, j: _exact(wide_a[i], wide_b[j]))
+    distances[~a.any(axis=1), :] = MAX_DISTANCE
+    distances[:, ~b.any(axis=1)] = MAX_DISTANCE
     return distances
 
 
@@ -54,6 +59,15 @@ def pair_distances(unit: np.ndarray, first: np.ndarray, second: np.ndarray) -> n
         block[rows_a == rows_b] = 0.0
         out[start : start + _PAIR_BLOCK] = block
     return out
+
+
+def float32_cutoff(threshold: float) -> np.float32:
+    """The largest float32 c with c <= threshold: for a float32 distance d,
+    `d <= c` is exactly fcluster's float64 test `d <= threshold`."""
+    cutoff = np.float32(threshold)
+    if float(cutoff) > threshold:
+        cutoff = np.nextafter(cutoff, np.float32(-np.inf))
+    return cutoff
 
 
 def candidate_margin(unit: np.ndarray) -> float:

@@ -15,12 +15,13 @@ import hashlib
 import json
 import logging
 import os
+import sys
 import tempfile
 import threading
 from collections import OrderedDict
 from importlib import metadata
 from pathlib import Path
-from typing import Protocol, Sequence
+from typing import Any, NamedTuple, Protocol, Sequence
 
 import numpy as np
 
@@ -38,12 +39,25 @@ class ModelUnavailable(Exception):
 
 
 class Embedder(Protocol):
-    """What the runner needs: a name, the vector dimension, and one batch at a time."""
+    """What the runner needs: a name, the vector dimension, the tokens one model input
+    may hold, the tokens of texts, and one batch at a time."""
 
     name: str
     batch_size: int
 
     def dim(self) -> int: ...
+
+    def window_tokens(self) -> int:
+        """Tokens of text one model input holds (its special tokens not counted)."""
+        ...
+
+    def count_tokens(self, texts: Sequence[str]) -> list[int]:
+        """Each text's tokens, none cut off (special tokens not counted)."""
+        ...
+
+    def token_spans(self, texts: Sequence[str]) -> list[list[tuple[int, int]]]:
+        """Each text's tokens as (start, end) character spans, none cut off."""
+        ...
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         """(len(texts), dim) float32, rows L2-normalised."""
@@ -96,6 +110,8 @@ class FastEmbedModel:
         self.batch_size = batch_size
         self._model = None
         self._dim: int | None = None
+        self._window_tokens = 0
+        self._tokenizer = None  # the model's tokenizer, without truncation or padding
         self._error: ModelUnavailable | None = None
         self._lock = threading.Lock()
 
@@ -104,6 +120,7 @@ class FastEmbedModel:
             if self._model is None and self._error is None:
                 try:
                     self._model, self._dim = self._open()
+                    self._tokenizer, self._window_tokens = _counting_tokenizer(self._model)
                 except ModelUnavailable as exc:
                     self._error = exc
                 except Exception as exc:  # fastembed/onnxruntime raise many kinds
@@ -134,6 +151,19 @@ class FastEmbedModel:
         self._load()
         return self._dim  # type: ignore[return-value]
 
+    def window_tokens(self) -> int:
+        self._load()
+        return self._window_tokens
+
+    def count_tokens(self, texts: Sequence[str]) -> list[int]:
+        self._load()
+        return [len(encoding) for encoding in self._tokenizer.encode_batch(list(texts), add_special_tokens=False)]
+
+    def token_spans(self, texts: Sequence[str]) -> list[list[tuple[int, int]]]:
+        self._load()
+        encodings = self._tokenizer.encode_batch(list(texts), add_special_tokens=False)
+        return [encoding.offsets for encoding in encodings]
+
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         model = self._load()
         try:
@@ -141,6 +171,20 @@ class FastEmbedModel:
         except Exception as exc:
             raise ModelUnavailable(f"embedding failed: {exc}") from exc
         return np.asarray(vectors, dtype=np.float32).reshape(len(texts), self._dim)
+
+
+def _counting_tokenizer(model) -> tuple[Any, int]:
+    """A copy of the model's tokenizer that keeps every token, and how many text tokens
+    one model input holds (its length limit less [CLS] and [SEP])."""
+    from tokenizers import Tokenizer
+
+    source = model.model.tokenizer
+    limit = (source.truncation or {}).get("max_length", 512)
+    tokenizer = Tokenizer.from_str(source.to_str())
+    tokenizer.no_truncation()
+    tokenizer.no_padding()
+    special = len(tokenizer.encode("", add_special_tokens=True).ids)
+    return tokenizer, limit - special
 
 
 def length_sorted_batches(
@@ -186,39 +230,71 @@ def l2_normalise(vectors: np.ndarray) -> np.ndarray:
     return unit
 
 
+class Embedded(NamedTuple):
+    """A text's vector and what it took: its model inputs (windows) and tokens."""
+
+    vector: np.ndarray
+    windows: int
+    tokens: int
+
+
 class EmbeddingCache:
-    """A bounded LRU of text -> vector, shared by the requests of one process.
+    """A bounded LRU of text -> `Embedded`, shared by the requests of one process.
 
     Agents and RAG loops resend the same chunks turn after turn; a hit skips
-    the model (milliseconds per text). Safe for determinism because the model
-    gives bit-identical vectors for a text whatever batch it is in (a test
-    checks this). Thread-safe: embedding batches run on a thread pool.
+    the model (milliseconds per text) and the tokenizer. It holds whole texts,
+    the windows of long ones and the sentences the coverage guard compares, so
+    a chunk seen before costs nothing and one that shares sentences with it pays
+    only for the rest. Safe for determinism because the model gives bit-identical
+    vectors for a text whatever batch it is in (a test checks this), and nothing
+    a response says depends on what was cached. Bounded by bytes: each entry
+    counts its text, its vector and the bookkeeping around them.
+    Thread-safe: embedding batches run on a thread pool.
     """
 
-    def __init__(self, size: int):
-        self.size = size
-        self._vectors: OrderedDict[str, np.ndarray] = OrderedDict()
+    ENTRY_OVERHEAD = 300  # bytes per entry beyond text and vector: dict slot, tuple, array header
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self._entries: OrderedDict[str, Embedded] = OrderedDict()
         self._lock = threading.Lock()
 
-    def get_many(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
+    def get_many(self, texts: Sequence[str]) -> dict[str, Embedded]:
         found = {}
         with self._lock:
             for text in texts:
-                vector = self._vectors.get(text)
-                if vector is not None:
-                    self._vectors.move_to_end(text)
-                    found[text] = vector
+                entry = self._entries.get(text)
+                if entry is not None:
+                    self._entries.move_to_end(text)
+                    found[text] = entry
         return found
 
-    def put_many(self, vectors: dict[str, np.ndarray]) -> None:
-        if self.size <= 0:
-            return
+    def put_many(self, entries: dict[str, Embedded]) -> None:
         with self._lock:
-            for text, vector in vectors.items():
-                self._vectors[text] = vector
-                self._vectors.move_to_end(text)
-            while len(self._vectors) > self.size:
-                self._vectors.popitem(last=False)
+            for text, entry in entries.items():
+                size = self._size(text, entry)
+                if size > self.max_bytes:
+                    continue
+                if text in self._entries:
+                    self.bytes -= self._size(text, self._entries[text])
+                self._entries[text] = entry
+                self._entries.move_to_end(text)
+                self.bytes += size
+            while self.bytes > self.max_bytes:
+                text, entry = self._entries.popitem(last=False)
+                self.bytes -= self._size(text, entry)
+
+    def _size(self, text: str, entry: Embedded) -> int:
+        return sys.getsizeof(text) + entry.vector.nbytes + self.ENTRY_OVERHEAD
 
     def __len__(self) -> int:
-        return len(self._vectors)
+        return len(self._entries)
+
+
+def tokens_to_embed(texts: Sequence[str], embedder: Embedder, cache: EmbeddingCache | None) -> int:
+    """How many tokens the texts hold: from the cache where it knows, else counted.
+    (The same number either way: what a request may ask does not depend on the cache.)"""
+    found = cache.get_many(texts) if cache is not None else {}
+    rest = [text for text in texts if text not in found]
+    return sum(entry.tokens for entry in found.values()) + sum(embedder.count_tokens(rest))

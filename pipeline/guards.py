@@ -21,7 +21,7 @@ from typing import Sequence
 import numpy as np
 from scipy import sparse
 
-from .cluster import MAX_DISTANCE, float32_cutoff
+from .distance import MAX_DISTANCE, float32_cutoff
 
 # A sign counts only where it is not a hyphen inside a word or a range ("2-3");
 # digits glued to a word ("covid19", "v1.2") are names, not quantities.
@@ -53,7 +53,9 @@ def apply_number_guard(distances: np.ndarray, texts: Sequence[str], threshold: f
 
 class NumberGuard:
     """The guard over one list of texts, parsed once: for dense distance
-    matrices (`apply`) and for the large-n path's lists of pairs (`separates`)."""
+    matrices (`apply`, `mask`) and for lists of pairs (`separates`)."""
+
+    name = "numbers"
 
     def __init__(self, texts: Sequence[str]):
         sets = [numbers_in(t) for t in texts]
@@ -86,6 +88,19 @@ class NumberGuard:
             separated += int(np.count_nonzero(guarded & (current <= cutoff)))
             distances[cells] = np.where(guarded, MAX_DISTANCE, current)
         return separated // 2  # each pair was seen from both sides
+
+    def mask(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        """(len(rows), len(cols)) bool: whether the guard separates texts rows[i] and cols[j]."""
+        out = np.zeros((len(rows), len(cols)), dtype=bool)
+        a, b = self._row[rows], self._row[cols]
+        local_rows, local_cols = np.flatnonzero(a >= 0), np.flatnonzero(b >= 0)
+        if len(local_rows) and len(local_cols):
+            left, right = self._incidence[a[local_rows]], self._incidence[b[local_cols]]
+            shared = (left @ right.T).toarray()
+            counts_left, counts_right = self._counts[a[local_rows]], self._counts[b[local_cols]]
+            guarded = (counts_left[:, None] > shared) & (counts_right[None, :] > shared)
+            out[np.ix_(local_rows, local_cols)] = guarded
+        return out
 
     def count_separated(self) -> int:
         """How many pairs of all the texts the guard separates (threshold 2: every pair is within it)."""

@@ -12,7 +12,14 @@ from .embed import BUNDLED_MODEL
 
 GO_THRESHOLD = 0.15
 CALIBRATED_THRESHOLDS = {BUNDLED_MODEL: 0.255}  # `make eval-quality` prints how
+# Sentence distance within which the coverage guard counts a sentence as said.
+CALIBRATED_COVERAGE = {BUNDLED_MODEL: 0.2}
 
 
 def model_threshold(model_name: str) -> float:
     return CALIBRATED_THRESHOLDS.get(model_name, GO_THRESHOLD)
+
+
+def coverage_threshold(model_name: str) -> float:
+    """A model without a calibrated coverage distance uses its merge threshold."""
+    return CALIBRATED_COVERAGE.get(model_name, model_threshold(model_name))

@@ -21,18 +21,21 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 
 from .cluster import Clustering, members
+from .coverage import Coverage
 from .embed import (
     BUNDLED_MODEL,
     Embedder,
+    Embedded,
     EmbeddingCache,
     ModelUnavailable,
     l2_normalise,
     length_sorted_batches,
 )
 from .guards import NumberGuard
+from .segment import windows
 from .mmr import mmr_order
 from .offload import INLINE, Offload
-from .profiles import GO_THRESHOLD, model_threshold
+from .profiles import GO_THRESHOLD, coverage_threshold, model_threshold
 from .select import min_max, representatives
 from .types import DedupeRequest, OutputChunk, Result, StageError, StageEvent
 
@@ -47,7 +50,8 @@ class Defaults:
     go_threshold: float = GO_THRESHOLD
     model_threshold: float = model_threshold(BUNDLED_MODEL)
     lambda_: float = 0.5
-    model_guards: tuple[str, ...] = ("numbers",)
+    model_guards: tuple[str, ...] = ("numbers", "coverage")
+    coverage_threshold: float = coverage_threshold(BUNDLED_MODEL)
 
 
 def run(
@@ -78,13 +82,17 @@ def run(
     if guards is None:
         guards = defaults.model_guards if model_mode else ()
     texts = [c.text for c in chunks]
-    labels = yield from _stage(
-        CLUSTERING, _cluster(unit, texts, threshold, guards, request.linkage, offload, clock), clock
+    coverage = None
+    if "coverage" in guards:
+        embedded = {chunks[i].text: vectors[i] for i in request.texts_to_embed}  # (one-sentence chunks)
+        coverage = Coverage(texts, embedder, defaults.coverage_threshold, cache, embedded)
+    labels, eligible = yield from _stage(
+        CLUSTERING, _cluster(unit, texts, threshold, guards, coverage, request.linkage, offload, clock), clock
     )
     clusters = members(labels)
     scores = np.array([c.score for c in chunks], dtype=np.float64)
     picked = yield from _stage(
-        SELECTION, _select(clusters, request.selection, unit, scores, texts, offload), clock
+        SELECTION, _select(clusters, request.selection, unit, scores, texts, eligible, offload), clock
     )
     if 0 < request.target_k < len(picked):
         lambda_ = defaults.lambda_ if request.lambda_ is None else request.lambda_
@@ -140,8 +148,9 @@ def _stage(name: str, body: Iterator[float], clock: Callable[[], float]):
 def _embed(
     request: DedupeRequest, embedder: Embedder, offload: Offload, clock, cache: EmbeddingCache | None
 ):
-    """Embed the chunks without vectors (and the query text); identical texts once,
-    texts in `cache` not at all."""
+    """Embed the chunks without vectors (and the query text): identical texts once, texts
+    in `cache` not at all, a long text window by window (its vector: the windows' token-
+    weighted mean). Progress counts the tokens embedded."""
     chunks = request.chunks
     missing = request.texts_to_embed
     wanted = [chunks[i].text for i in missing]
@@ -152,42 +161,86 @@ def _embed(
         vectors = np.vstack(given, dtype=np.float32)
         return (vectors, request.query_embedding, False), None
     yield 0.0
-    found = cache.get_many(dict.fromkeys(wanted)) if cache is not None else {}
-    unique = [text for text in dict.fromkeys(wanted) if text not in found]
+    unique = list(dict.fromkeys(wanted))
+    found = cache.get_many(unique) if cache is not None else {}
+    texts = [text for text in unique if text not in found]
+    plans = offload(plan_windows, texts, embedder)
+    window_tokens = {window: tokens for plan in plans for window, tokens in plan}
+    known = cache.get_many(list(window_tokens)) if cache is not None else {}
+    todo = [window for window in window_tokens if window not in known]
+    total = sum(window_tokens[w] for w in todo) or 1
+    done = 0
     last_report = clock()
-    batches = [[unique[i] for i in batch] for batch in length_sorted_batches(unique, embedder.batch_size)]
+    batches = [[todo[i] for i in batch] for batch in length_sorted_batches(todo, embedder.batch_size)]
     for start in range(0, len(batches), offload.width):  # a text's vector is the same in any batch
         group = batches[start : start + offload.width]
         computed = {}
-        for texts, vectors in zip(group, offload.all([partial(embedder.embed, texts) for texts in group])):
-            computed.update(zip(texts, vectors))
-        found.update(computed)
+        for batch, vectors in zip(group, offload.all([partial(embedder.embed, batch) for batch in group])):
+            computed.update((w, Embedded(v, 1, window_tokens[w])) for w, v in zip(batch, vectors))
+            done += sum(window_tokens[w] for w in batch)
+        known.update(computed)
         if cache is not None:
             cache.put_many(computed)
-        done = start + len(group)
-        if done < len(batches) and clock() - last_report >= PROGRESS_INTERVAL_S:
+        if start + len(group) < len(batches) and clock() - last_report >= PROGRESS_INTERVAL_S:
             last_report = clock()
-            yield done / len(batches)
-    dim = len(next(iter(found.values())))
+            yield done / total
+    combined = {text: combine_windows(plan, known) for text, plan in zip(texts, plans)}
+    if cache is not None:
+        cache.put_many(combined)
+    found.update(combined)
+    dim = len(next(iter(found.values())).vector)
     vectors = np.empty((len(chunks), dim), dtype=np.float32)
     for i, chunk in enumerate(chunks):
-        vector = chunk.embedding if chunk.embedding is not None else found[chunk.text]
+        vector = chunk.embedding if chunk.embedding is not None else found[chunk.text].vector
         if len(vector) != dim:
             raise StageError(EMBEDDING, f"embedding dimension {len(vector)} != model dimension {dim}")
         vectors[i] = vector
     query = request.query_embedding
     if query is None and request.query is not None:
-        query = found[request.query]
+        query = found[request.query].vector
     model_mode = bool(missing)
-    return (vectors, query, model_mode), {"embedded": len(unique)}
+    stats = {
+        "embedded": len(unique),
+        "windows": sum(found[text].windows for text in unique),
+        "tokens": sum(found[text].tokens for text in unique),
+    }
+    return (vectors, query, model_mode), stats
 
 
-def _cluster(unit, texts, threshold, guards, method, offload: Offload, clock):
-    """Cluster in bounded steps (one, or per tile and per batch of components at large n,
+def plan_windows(texts: Sequence[str], embedder: Embedder) -> list[list[tuple[str, int]]]:
+    """Each text's model inputs and their token counts: the text itself when it fits one
+    input, else its windows (`pipeline.segment.windows`)."""
+    limit = embedder.window_tokens()
+    counts = embedder.count_tokens(texts)
+    long = [text for text, count in zip(texts, counts) if count > limit]
+    spans = dict(zip(long, embedder.token_spans(long)))
+    plans = []
+    for text, count in zip(texts, counts):
+        if count <= limit:
+            plans.append([(text, count)])
+        else:
+            plans.append([(text[a:b], tokens) for (a, b), tokens in windows(text, spans[text], limit)])
+    return plans
+
+
+def combine_windows(plan: list[tuple[str, int]], windows: dict[str, Embedded]) -> Embedded:
+    """A text's vector from its windows': the token-weighted mean, L2-normalised (a text of
+    one window keeps that window's vector exactly)."""
+    tokens = sum(count for _, count in plan)
+    if len(plan) == 1:
+        return Embedded(windows[plan[0][0]].vector, 1, tokens)
+    total = np.zeros(len(windows[plan[0][0]].vector), dtype=np.float64)
+    for window, count in plan:
+        total += count * windows[window].vector.astype(np.float64)
+    return Embedded(l2_normalise(total[None, :])[0], len(plan), tokens)
+
+
+def _cluster(unit, texts, threshold, guards, coverage: Coverage | None, method, offload: Offload, clock):
+    """Cluster in bounded steps (tiles, sentence batches, batches of components;
     `offload.width` of them at once)."""
     yield 0.0
     guard = offload(NumberGuard, texts) if "numbers" in guards else None
-    job = Clustering(unit, threshold, method, guard)
+    job = Clustering(unit, threshold, method, guard, coverage)
     last_report = clock()
     while (done := job.step(offload)) < 1.0:
         if clock() - last_report >= PROGRESS_INTERVAL_S:
@@ -198,13 +251,16 @@ def _cluster(unit, texts, threshold, guards, method, offload: Offload, clock):
         "input_count": len(texts),
         "threshold": threshold,
         "guarded_pairs": job.guarded_pairs,
+        "guarded_by": dict(job.guarded_by),
     }
-    return job.labels, stats
+    if coverage is not None:
+        stats["sentences"] = coverage.compared
+    return (job.labels, job.eligible), stats
 
 
-def _select(clusters, strategy, unit, scores, texts, offload: Offload):
+def _select(clusters, strategy, unit, scores, texts, eligible, offload: Offload):
     yield 0.0
-    picked = offload(representatives, clusters, strategy, unit, scores, texts)
+    picked = offload(representatives, clusters, strategy, unit, scores, texts, eligible)
     return picked, {"selected": len(picked)}
 
 

@@ -19,14 +19,22 @@ def representatives(
     unit: np.ndarray,
     scores: np.ndarray,
     texts: Sequence[str],
+    eligible: np.ndarray | None = None,
 ) -> list[int]:
     """The input index chosen in each cluster, in cluster order.
 
     clusters: ascending input indices per cluster; unit: (n, d) L2-normalised
-    rows; scores: (n,) float64.
+    rows; scores: (n,) float64; eligible: (n,) bool, the chunks that may
+    represent their cluster (with the coverage guard: those covering every other
+    member); the strategy chooses among them (default: every chunk may).
     """
     choose = _STRATEGIES[strategy]
-    return [int(members[choose(members, unit, scores, texts)]) for members in clusters]
+    picked = []
+    for members in clusters:
+        if eligible is not None:
+            members = members[eligible[members]]
+        picked.append(int(members[choose(members, unit, scores, texts)]))
+    return picked
 
 
 def _by_score(members, unit, scores, texts) -> int:

@@ -13,7 +13,7 @@ import numpy as np
 
 LINKAGES = ("average", "single", "complete")
 SELECTIONS = ("score", "centroid", "length", "hybrid")
-GUARDS = ("numbers",)
+GUARDS = ("numbers", "coverage")
 
 
 @dataclass(frozen=True)
@@ -46,10 +46,25 @@ class DedupeRequest:
         return [i for i, c in enumerate(self.chunks) if c.embedding is None]
 
     @property
-    def needs_model(self) -> bool:
+    def unique_texts_to_embed(self) -> list[str]:
+        """The distinct texts the model embeds: chunks without a vector, and the query."""
+        texts = [self.chunks[i].text for i in self.texts_to_embed]
+        if self.query is not None and self.query_embedding is None:
+            texts.append(self.query)
+        return list(dict.fromkeys(texts))
+
+    @property
+    def model_embeds(self) -> bool:
+        """Whether the model embeds any chunk or the query (its vectors then meet given ones)."""
         return bool(self.texts_to_embed) or (
             self.query is not None and self.query_embedding is None
         )
+
+    @property
+    def needs_model(self) -> bool:
+        """Whether the model runs at all: to embed, or for the sentences the coverage guard
+        compares (asked for in Go mode; the default in model mode)."""
+        return self.model_embeds or "coverage" in (self.guards or ())
 
 
 @dataclass(frozen=True)

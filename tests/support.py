@@ -100,8 +100,8 @@ class FaultInjectingModel:
     def __init__(self, model):
         self.model, self.name, self.batch_size = model, model.name, model.batch_size
 
-    def dim(self) -> int:
-        return self.model.dim()
+    def __getattr__(self, name):  # dim, window_tokens, count_tokens, token_spans
+        return getattr(self.model, name)
 
     def embed(self, texts):
         raise RuntimeError("injected fault")

@@ -710,8 +710,8 @@ def test_vectors_need_no_model(broken_app, client):
 # --------------------------------------------------------------------------- stream events
 
 STAGE_STATS = {
-    "embedding": ["embedded", "duration_ms"],
-    "clustering": ["clusters_formed", "input_count", "threshold", "guarded_pairs", "duration_ms"],
+    "embedding": ["embedded", "windows", "tokens", "duration_ms"],
+    "clustering": ["clusters_formed", "input_count", "threshold", "guarded_pairs", "guarded_by", "duration_ms"],
     "selection": ["selected", "duration_ms"],
     "mmr": ["output_count", "duration_ms"],
 }
@@ -731,8 +731,12 @@ def check_stream(events) -> tuple[dict[str, list[dict]], dict]:
         assert progress == sorted(progress)
         assert "stats" not in run[0]
         stats = run[-1]["stats"]
-        assert list(stats) == STAGE_STATS[stage], stage
-        assert all(isinstance(stats[k], int) for k in stats if k != "threshold")
+        keys = [k for k in stats if k != "sentences"]  # sentences: with the coverage guard
+        assert keys == STAGE_STATS[stage], stage
+        assert all(isinstance(stats[k], int) for k in stats if k not in ("threshold", "guarded_by"))
+        if stage == "clustering":
+            assert sum(stats["guarded_by"].values()) == stats["guarded_pairs"]
+            assert ("sentences" in stats) == ("coverage" in stats["guarded_by"])
         assert stats["duration_ms"] >= 0
     return runs, events[-1][1]
 
@@ -840,13 +844,13 @@ def vector_free_duplicates() -> list[dict]:
 
 
 def test_with_the_embedding_cache_on_the_answer_is_the_same(make_app):
-    client = make_app(embed_cache_size=16).test_client()
+    client = make_app(embed_cache_mb=1).test_client()
     body = {"chunks": [chunk(id=str(i), text=t) for i, t in enumerate(TEXTS)]}
     first, second = post(client, body), post(client, body)
     assert first.status_code == second.status_code == 200
     assert zero_latency(first.data) == zero_latency(second.data)
     _, events = stream(client, body)
-    assert stage_runs(events)["embedding"][-1]["stats"]["embedded"] == 0  # all from the cache
+    assert stage_runs(events)["embedding"][-1]["stats"]["embedded"] == len(TEXTS)  # as without the cache
 
 
 GO_MODE_GOLDEN = (

@@ -25,8 +25,8 @@ SMALL = {
 }
 
 
-def big_body(n: int = 2000) -> dict:
-    return {"chunks": [{"id": str(i), "text": t} for i, t in enumerate(synthetic_texts(n))]}
+def big_body(n: int = 2000, seed: int = 0) -> dict:
+    return {"chunks": [{"id": str(i), "text": t} for i, t in enumerate(synthetic_texts(n, seed))]}
 
 
 def without_latency(result: dict) -> dict:
@@ -112,7 +112,7 @@ def test_health_answers_and_heartbeats_flow_while_a_large_stream_computes(server
 
 def test_a_client_that_disconnects_stops_the_work(server):
     before = server.metrics()
-    conn, response = server.open_stream(big_body())
+    conn, response = server.open_stream(big_body(seed=113))  # texts no earlier request cached
     read_events(response, SSEParser(), until=is_fractional_embedding)
     conn.sock.close()
     conn.close()

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from pipeline.embed import (
+    Embedded,
     EmbeddingCache,
     FastEmbedModel,
     ModelUnavailable,
@@ -43,19 +44,29 @@ def test_vectors_do_not_depend_on_batch_neighbours(embedder):
     assert np.array_equal(together, alone)
 
 
-def test_cache_keeps_the_most_recently_used_texts():
-    cache = EmbeddingCache(2)
-    a, b, c = (np.full(2, k, dtype=np.float32) for k in range(3))
+def test_cache_keeps_the_most_recently_used_texts_within_its_bytes():
+    a, b, c = (Embedded(np.full(384, k, dtype=np.float32), 1, k) for k in range(3))
+    entry = EmbeddingCache(0)._size("a", a)
+    cache = EmbeddingCache(2 * entry)
     cache.put_many({"a": a, "b": b})
     assert set(cache.get_many(["a"])) == {"a"}  # "a" is now the most recent
     cache.put_many({"c": c})
     assert set(cache.get_many(["a", "b", "c"])) == {"a", "c"}
-    assert len(cache) == 2
+    assert len(cache) == 2 and cache.bytes == 2 * entry
+    cache.put_many({"a": a})  # replacing an entry does not count it twice
+    assert cache.bytes == 2 * entry
+
+
+def test_cache_bytes_count_the_text():
+    entry = Embedded(np.zeros(384, dtype=np.float32), 1, 2500)
+    cache = EmbeddingCache(10**6)
+    cache.put_many({"x" * 10_000: entry})
+    assert cache.bytes >= 10_000 + entry.vector.nbytes
 
 
 def test_cache_of_size_zero_stores_nothing():
     cache = EmbeddingCache(0)
-    cache.put_many({"a": np.zeros(2, dtype=np.float32)})
+    cache.put_many({"a": Embedded(np.zeros(2, dtype=np.float32), 1, 1)})
     assert cache.get_many(["a"]) == {} and len(cache) == 0
 
 

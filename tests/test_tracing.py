@@ -101,7 +101,10 @@ class FailingModel:
     """The real model's name and dimension, but every batch fails: a crash mid-stage."""
 
     def __init__(self, model):
-        self.name, self.batch_size, self.dim = model.name, model.batch_size, model.dim
+        self.model, self.name, self.batch_size = model, model.name, model.batch_size
+
+    def __getattr__(self, name):  # dim, window_tokens, count_tokens, token_spans
+        return getattr(self.model, name)
 
     def embed(self, texts):
         raise RuntimeError("model crashed")
