@@ -7,9 +7,12 @@ trusts every field.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from .prefix import CachePrefix
 
 LINKAGES = ("average", "single", "complete")
 SELECTIONS = ("score", "centroid", "length", "hybrid")
@@ -39,16 +42,22 @@ class DedupeRequest:
     selection: str = "score"
     query: str | None = None
     query_embedding: np.ndarray | None = None
+    frozen_count: int = 0  # leading chunks frozen as a cache prefix: returned as sent, never embedded
 
     @property
     def texts_to_embed(self) -> list[int]:
-        """Indices of the chunks the model must embed (those without a vector)."""
-        return [i for i, c in enumerate(self.chunks) if c.embedding is None]
+        """Indices of the chunks the model must embed (unfrozen ones without a vector)."""
+        return [
+            i for i, c in enumerate(self.chunks)
+            if i >= self.frozen_count and c.embedding is None
+        ]
 
     @property
     def needs_model(self) -> bool:
         return bool(self.texts_to_embed) or (
-            self.query is not None and self.query_embedding is None
+            self.query is not None
+            and self.query_embedding is None
+            and self.frozen_count < len(self.chunks)
         )
 
 
@@ -75,6 +84,7 @@ class Result:
     input_count: int
     cluster_count: int
     latency_ms: int = 0
+    cache_prefix: CachePrefix | None = None  # set when a cache prefix was frozen
 
     @property
     def output_count(self) -> int:
@@ -87,7 +97,7 @@ class Result:
 
     def to_wire(self) -> dict[str, Any]:
         """The response object, keys in the Go service's struct order."""
-        return {
+        wire = {
             "chunks": [
                 {"id": c.id, "text": c.text, "score": c.score, "cluster_id": c.cluster_id}
                 for c in self.chunks
@@ -100,6 +110,9 @@ class Result:
                 "latency_ms": self.latency_ms,
             },
         }
+        if self.cache_prefix is not None:
+            wire["stats"].update(self.cache_prefix.wire())  # after latency_ms, as Go
+        return wire
 
 
 class StageError(Exception):
