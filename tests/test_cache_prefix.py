@@ -17,6 +17,7 @@ import pytest
 from app import create_app
 from app.config import Config
 from app.validate import ApiError, parse_request
+from pipeline.embed import ModelUnavailable
 from pipeline.runner import drain, run
 from pipeline.types import Result, StageEvent
 
@@ -300,6 +301,19 @@ def test_a_prefix_without_text_has_no_token_estimate(client):
 # ------------------------------------------------------------ frozen texts are never embedded
 
 
+class UnavailableModel:
+    """Fault injection: a model that cannot be loaded (the service answers 503 when it
+    needs one)."""
+
+    name, batch_size = "unavailable", 8
+
+    def dim(self) -> int:
+        raise ModelUnavailable("injected: no model")
+
+    def embed(self, texts):
+        raise ModelUnavailable("injected: no model")
+
+
 class RecordingModel:
     """The real model, recording every text it is asked to embed."""
 
@@ -326,10 +340,10 @@ def test_the_model_sees_only_suffix_texts(embedder):
     assert isinstance(items[-1], Result) and items[-1].output_count == 3
 
 
-def test_a_suffix_with_vectors_runs_in_go_mode_without_the_model(embedder):
+def test_a_suffix_with_vectors_runs_in_go_mode_without_the_model():
     """The prefix holds texts only; the suffix brings vectors: no embedding stage, Go's
-    threshold, and a model that cannot embed is never asked."""
-    app = create_app(Config(), embedder=FaultInjectingModel(embedder))
+    threshold, and no model needed."""
+    app = create_app(Config(), embedder=UnavailableModel())
     chunks = [text_chunk("sys", SYSTEM, marker=EPHEMERAL), vector_chunk("a", 0, 0.9),
               vector_chunk("b", 0, 0.1), vector_chunk("c", 1)]
     events = stream(app.test_client(), {"chunks": chunks, "options": ON})
@@ -351,11 +365,13 @@ def test_frozen_vectors_take_no_part_in_the_dimension_rules(client):
     assert post(client, {"chunks": model_mode, "options": ON})["stats"]["output_count"] == 2
 
 
-def test_every_chunk_frozen_needs_no_model_even_with_a_query(embedder):
-    app = create_app(Config(), embedder=FaultInjectingModel(embedder))
+def test_every_chunk_frozen_needs_no_model_even_with_a_query():
+    client = create_app(Config(), embedder=UnavailableModel()).test_client()
     body = {"chunks": [text_chunk("1", SYSTEM, marker=True)], "options": ON,
             "query": "how do I reset it?", "target_k": 1}
-    assert post(app.test_client(), body)["chunks"][0]["cluster_id"] == -1
+    assert post(client, body)["chunks"][0]["cluster_id"] == -1
+    body["chunks"].append(text_chunk("2", RESET))
+    assert client.post(DEDUPE, json=body).status_code == 503  # the suffix needs the model
 
 
 def test_a_failing_suffix_stage_ends_the_stream_with_one_error(embedder):
