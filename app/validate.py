@@ -50,8 +50,10 @@ def parse_request(body: Any, config: Config) -> DedupeRequest:
             413, f"too many chunks: {len(raw_chunks)} > DISTILL_MAX_CHUNKS ({config.max_chunks})"
         )
     chunks = tuple(_chunk(raw, i) for i, raw in enumerate(raw_chunks))
+    markers = [_cache_marker(raw.get("cache_control"), i) for i, raw in enumerate(raw_chunks)]
+    frozen_count = _frozen_count(markers) if _preserve_cache_prefix(body.get("options")) else 0
     query_embedding = _embedding(body.get("query_embedding"), "query_embedding")
-    _check_dimensions(chunks, query_embedding)
+    _check_dimensions(chunks[frozen_count:], query_embedding)
     return DedupeRequest(
         chunks=chunks,
         threshold=_zero_is_default(body, "threshold", 2.0),
@@ -62,12 +64,14 @@ def parse_request(body: Any, config: Config) -> DedupeRequest:
         selection=_choice(body, "selection", SELECTIONS),
         query=_optional_string(body.get("query"), "query") or None,
         query_embedding=query_embedding,
+        frozen_count=frozen_count,
     )
 
 
 def check_model_dimension(request: DedupeRequest, model_dim: int) -> None:
     """Given vectors must match the model's when the model embeds the rest."""
-    given = next((c.embedding for c in request.chunks if c.embedding is not None), None)
+    suffix = request.chunks[request.frozen_count :]  # a frozen chunk's vector is never used
+    given = next((c.embedding for c in suffix if c.embedding is not None), None)
     if given is None:
         given = request.query_embedding
     if given is not None and len(given) != model_dim:
@@ -98,6 +102,31 @@ def _chunk(raw: Any, index: int) -> Chunk:
         score=_score(raw.get("score"), f"{where}.score"),
         embedding=embedding,
     )
+
+
+def _preserve_cache_prefix(options: Any) -> bool:
+    """`options.preserve_cache_prefix`; null or absent (as `options` itself) is false."""
+    if options is None:
+        return False
+    if not isinstance(options, dict):
+        raise bad("options must be an object")
+    value = options.get("preserve_cache_prefix")
+    if value is None or isinstance(value, bool):
+        return bool(value)
+    raise bad("options.preserve_cache_prefix must be a boolean")
+
+
+def _cache_marker(value: Any, index: int) -> bool:
+    """Whether `cache_control` marks a cache boundary, as Go Distill reads it: a non-empty
+    string or object (Anthropic's `{"type": "ephemeral"}`) or true; "", {}, false, null not."""
+    if value is None or isinstance(value, (bool, str, dict)):
+        return bool(value)
+    raise bad(f"chunks[{index}].cache_control must be a string, an object or a boolean")
+
+
+def _frozen_count(markers: list[bool]) -> int:
+    """Every chunk up to and including the last marked one is frozen."""
+    return max((i + 1 for i, marked in enumerate(markers) if marked), default=0)
 
 
 def _optional_string(value: Any, where: str) -> str | None:

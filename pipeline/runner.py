@@ -14,7 +14,7 @@ thread; that is how far work can run on after a client leaves.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Callable, Iterator, Sequence
 
@@ -35,6 +35,7 @@ from .guards import NumberGuard
 from .segment import windows
 from .mmr import mmr_order
 from .offload import INLINE, Offload
+from .prefix import CachePrefix, estimated_tokens, prefix_hash
 from .profiles import GO_THRESHOLD, coverage_threshold, model_threshold
 from .select import min_max, representatives
 from .types import DedupeRequest, OutputChunk, Result, StageError, StageEvent
@@ -65,8 +66,51 @@ def run(
 ) -> Iterator[StageEvent | Result]:
     """Yield the stage events of `request`, then its `Result`.
 
+    A frozen cache prefix (`request.frozen_count` leading chunks) skips every
+    stage: the stages see only the suffix, and the prefix comes first in the
+    result, as sent, with `cluster_id` -1. When every chunk is frozen no stage
+    runs at all. See `_run_stages` for the arguments.
+    """
+    started = clock() if started is None else started
+    if not request.frozen_count:
+        yield from _run_stages(request, embedder, defaults, offload, clock, started, cache)
+        return
+    frozen = request.chunks[: request.frozen_count]
+    suffix = replace(request, chunks=request.chunks[request.frozen_count :], frozen_count=0)
+    result = Result(chunks=[], input_count=0, cluster_count=0)
+    if suffix.chunks:
+        for item in _run_stages(suffix, embedder, defaults, offload, clock, started, cache):
+            if isinstance(item, Result):
+                result = item
+            else:
+                yield item
+    yield Result(
+        chunks=[OutputChunk(c.id, c.text, c.score, -1) for c in frozen] + result.chunks,
+        input_count=len(request.chunks),
+        cluster_count=result.cluster_count,
+        latency_ms=int((clock() - started) * 1000),
+        cache_prefix=CachePrefix(
+            tokens=estimated_tokens(frozen),
+            hash=prefix_hash(frozen),
+            suffix_input_count=len(suffix.chunks),
+            suffix_output_count=len(result.chunks),
+        ),
+    )
+
+
+def _run_stages(
+    request: DedupeRequest,
+    embedder: Embedder,
+    defaults: Defaults = Defaults(),
+    offload: Offload = INLINE,
+    clock: Callable[[], float] = time.perf_counter,
+    started: float | None = None,
+    cache: EmbeddingCache | None = None,
+) -> Iterator[StageEvent | Result]:
+    """Yield the stage events of `request`, then its `Result`.
+
     `started` is when the request body was parsed (for `latency_ms`); `cache`
-    holds vectors of texts seen before (the `embedded` stat counts only the rest).
+    holds vectors of texts seen before (no stat depends on it).
     Any failure inside a stage is raised as `StageError(stage, message)`.
     """
     started = clock() if started is None else started

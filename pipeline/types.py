@@ -7,9 +7,12 @@ trusts every field.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from .prefix import CachePrefix
 
 LINKAGES = ("average", "single", "complete")
 SELECTIONS = ("score", "centroid", "length", "hybrid")
@@ -39,32 +42,45 @@ class DedupeRequest:
     selection: str = "score"
     query: str | None = None
     query_embedding: np.ndarray | None = None
+    frozen_count: int = 0  # leading chunks frozen as a cache prefix: returned as sent, never embedded
 
     @property
     def texts_to_embed(self) -> list[int]:
-        """Indices of the chunks the model must embed (those without a vector)."""
-        return [i for i, c in enumerate(self.chunks) if c.embedding is None]
+        """Indices of the chunks the model must embed (unfrozen ones without a vector)."""
+        return [
+            i for i, c in enumerate(self.chunks)
+            if i >= self.frozen_count and c.embedding is None
+        ]
 
     @property
     def unique_texts_to_embed(self) -> list[str]:
         """The distinct texts the model embeds: chunks without a vector, and the query."""
         texts = [self.chunks[i].text for i in self.texts_to_embed]
-        if self.query is not None and self.query_embedding is None:
+        if self._embeds_query:
             texts.append(self.query)
         return list(dict.fromkeys(texts))
 
     @property
     def model_embeds(self) -> bool:
         """Whether the model embeds any chunk or the query (its vectors then meet given ones)."""
-        return bool(self.texts_to_embed) or (
-            self.query is not None and self.query_embedding is None
-        )
+        return bool(self.texts_to_embed) or self._embeds_query
 
     @property
     def needs_model(self) -> bool:
         """Whether the model runs at all: to embed, or for the sentences the coverage guard
         compares (asked for in Go mode; the default in model mode)."""
-        return self.model_embeds or "coverage" in (self.guards or ())
+        return self.model_embeds or (
+            "coverage" in (self.guards or ()) and self.frozen_count < len(self.chunks)
+        )
+
+    @property
+    def _embeds_query(self) -> bool:
+        """A query text without a vector is embedded, unless no stage runs (all frozen)."""
+        return (
+            self.query is not None
+            and self.query_embedding is None
+            and self.frozen_count < len(self.chunks)
+        )
 
 
 @dataclass(frozen=True)
@@ -90,6 +106,7 @@ class Result:
     input_count: int
     cluster_count: int
     latency_ms: int = 0
+    cache_prefix: CachePrefix | None = None  # set when a cache prefix was frozen
 
     @property
     def output_count(self) -> int:
@@ -102,7 +119,7 @@ class Result:
 
     def to_wire(self) -> dict[str, Any]:
         """The response object, keys in the Go service's struct order."""
-        return {
+        wire = {
             "chunks": [
                 {"id": c.id, "text": c.text, "score": c.score, "cluster_id": c.cluster_id}
                 for c in self.chunks
@@ -115,6 +132,9 @@ class Result:
                 "latency_ms": self.latency_ms,
             },
         }
+        if self.cache_prefix is not None:
+            wire["stats"].update(self.cache_prefix.wire())  # after latency_ms, as Go
+        return wire
 
 
 class StageError(Exception):

@@ -142,7 +142,20 @@ def test_response_keys_are_in_the_documented_order(client):
         ("OutputChunk", result["chunks"][0]),
         ("Stats", result["stats"]),
     ]:
-        assert list(obj) == list(SCHEMAS[name]["properties"]) == SCHEMAS[name]["required"]
+        assert list(obj) == SCHEMAS[name]["required"]
+        assert list(SCHEMAS[name]["properties"])[: len(obj)] == list(obj)  # optional keys last
+
+
+def test_a_frozen_cache_prefix_answer_has_every_documented_stat_in_order(client):
+    frozen = {"id": "p", "text": "system prompt", "cache_control": {"type": "ephemeral"}}
+    suffix = [{"id": "a", "embedding": [1, 0]}, {"id": "b", "embedding": [0, 1]}]
+    body = {"chunks": [frozen, *suffix], "options": {"preserve_cache_prefix": True}}
+    result = client.post("/v1/dedupe", json=body).get_json()
+    assert_conforms("DedupeResponse", result)
+    assert list(result["stats"]) == list(SCHEMAS["Stats"]["properties"])
+    assert result["chunks"][0]["cluster_id"] == -1
+    every_chunk_frozen = client.post("/v1/dedupe", json={**body, "chunks": [frozen]}).get_json()
+    assert_conforms("DedupeResponse", every_chunk_frozen)
 
 
 # ------------------------------------------- the request schema accepts what the code accepts
@@ -216,6 +229,10 @@ def request_samples() -> list:
     samples += [with_chunk(text="a", embedding=s) for s in base64_samples()]
     samples += [with_chunk(text="a", embedding=[[1.0]]), with_chunk(text="a", embedding={"a": 1})]
     samples += [{"chunks": [{"text": "a"}], "unknown": [1]}, {"chunks": [{"text": "a", "x": None}]}]
+    odd = [None, "", "x", 0, 1, 1.5, True, False, [], ["x"], {}, {"type": "ephemeral"}]
+    samples += [with_field("options", v) for v in odd]
+    samples += [with_field("options", {"preserve_cache_prefix": v}) for v in odd]
+    samples += [with_chunk(text="a", cache_control=v) for v in odd]
     return samples
 
 
