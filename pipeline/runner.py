@@ -100,6 +100,7 @@ def run(
         input_count=len(chunks),
         cluster_count=len(clusters),
         latency_ms=int((clock() - started) * 1000),
+        labels=tuple(labels.tolist()),
     )
 
 

@@ -75,6 +75,7 @@ class Result:
     input_count: int
     cluster_count: int
     latency_ms: int = 0
+    labels: tuple[int, ...] = ()  # every input chunk's cluster id, in input order (not on the wire)
 
     @property
     def output_count(self) -> int:
