@@ -140,7 +140,7 @@ class DistillTools:
             log.error("tool call failed in %s", exc.stage, exc_info=exc.__cause__)
             raise ApiError(500, f"internal error in stage {exc.stage}") from exc
         except anyio.get_cancelled_exc_class():
-            log.info("call cancelled; runner stopped after a %s step", reporter.stage or "first")
+            log.info("call cancelled during the %s stage; runner closed", reporter.stage or "first")
             raise
         finally:
             events.close()
@@ -310,6 +310,7 @@ DEDUPLICATE_TOOL = types.Tool(
             },
             "options": {
                 "type": "object",
+                "description": "Further options, as on the HTTP API.",
                 "properties": {
                     "preserve_cache_prefix": {
                         "type": "boolean",
