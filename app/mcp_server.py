@@ -20,14 +20,20 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import threading
 import time
 from typing import Any, Awaitable, Callable, Iterator
 
 import anyio
-import numpy as np
 import mcp_types as types
+import numpy as np
+import uvicorn
 from mcp.server import Server
+from mcp.server.stdio import stdio_server
 from mcp.shared.exceptions import MCPError
+from starlette.datastructures import Headers
+from starlette.responses import JSONResponse
+from starlette.routing import Route
 
 from pipeline.cluster import members
 from pipeline.embed import Embedder, EmbeddingCache, FastEmbedModel, ModelUnavailable
@@ -58,6 +64,13 @@ class DistillTools:
         self.offload = offload or Threads()
         self.defaults = request_defaults(config)
         self.cache = EmbeddingCache(config.embed_cache_size)
+
+    def warm_up(self) -> None:
+        """Load the model now, so the first call does not wait for it (a failure is the calls' to report)."""
+        try:
+            self.embedder.dim()
+        except ModelUnavailable:
+            pass
 
     async def deduplicate(self, arguments: dict[str, Any], progress: Progress) -> dict[str, Any]:
         """The `/v1/dedupe` object, plus the threshold and lambda the run used."""
@@ -397,9 +410,6 @@ class RequireApiKey:
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] == "http" and self.keys and scope["path"] != "/health":
-            from starlette.datastructures import Headers
-            from starlette.responses import JSONResponse
-
             try:
                 check_api_key(Headers(scope=scope).get("authorization"), self.keys)
             except ApiError as exc:
@@ -410,8 +420,6 @@ class RequireApiKey:
 
 def http_app(server: Server, config: Config, host: str):
     """Streamable HTTP at `/mcp` (with DNS-rebinding protection on a loopback host)."""
-    from starlette.responses import JSONResponse
-    from starlette.routing import Route
 
     async def health(request):
         return JSONResponse({"status": "ok"})
@@ -425,8 +433,6 @@ def http_app(server: Server, config: Config, host: str):
 
 
 async def serve_stdio(server: Server) -> None:
-    from mcp.server.stdio import stdio_server
-
     async with stdio_server() as (read_stream, write_stream):
         await server.run(read_stream, write_stream, server.create_initialization_options())
 
@@ -446,12 +452,12 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"distill-mcp: {exc}", file=sys.stderr)
         return 2
-    server = build_server(DistillTools(config))
+    tools = DistillTools(config)
+    threading.Thread(target=tools.warm_up, daemon=True).start()
+    server = build_server(tools)
     if args.transport == "stdio":
         anyio.run(serve_stdio, server)
         return 0
-    import uvicorn
-
     log.info("serving MCP at http://%s:%d/mcp", args.host, args.port)
     uvicorn.run(http_app(server, config, args.host), host=args.host, port=args.port, log_level="warning")
     return 0
