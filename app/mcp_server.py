@@ -376,9 +376,10 @@ def build_server(tools: DistillTools) -> Server:
         try:
             payload = await handler(params.arguments or {}, ctx.session.report_progress)
         except ApiError as exc:
-            return types.CallToolResult(
-                content=[types.TextContent(type="text", text=exc.message)], is_error=True
-            )
+            return tool_error(exc.message)
+        except Exception:  # a bug, not the caller's input: logged, never shown as a traceback
+            log.exception("tool call %s failed", params.name)
+            return tool_error("internal error")
         return types.CallToolResult(
             content=[types.TextContent(type="text", text=jsonio.dumps(payload).decode())],
             structured_content=payload,
@@ -394,6 +395,10 @@ def build_server(tools: DistillTools) -> Server:
         on_list_tools=list_tools,
         on_call_tool=call_tool,
     )
+
+
+def tool_error(message: str) -> types.CallToolResult:
+    return types.CallToolResult(content=[types.TextContent(type="text", text=message)], is_error=True)
 
 
 # --- transports -----------------------------------------------------------------------

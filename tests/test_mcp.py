@@ -26,10 +26,11 @@ from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.exceptions import MCPError
 from mcp_types import INVALID_PARAMS
 
+from app import create_app
 from app.config import Config
 from app.mcp_server import DistillTools, build_server
 
-from .support import ROOT, free_port, synthetic_texts
+from .support import ROOT, FaultInjectingModel, free_port, synthetic_texts
 
 API_KEY = "mcp-test-key"
 SCRIPT = Path(sys.executable).with_name("distill-mcp")
@@ -471,3 +472,18 @@ def test_an_unknown_tool_is_a_protocol_error(embedder):
     error = run(scenario)
     assert error is not None and error.code == INVALID_PARAMS
     assert "unknown tool: retrieve_deduplicated" in str(error)
+
+
+def test_a_failing_stage_is_a_tool_error_as_the_http_api_words_it(embedder):
+    broken = FaultInjectingModel(embedder)
+    body = {"chunks": [{"text": "a"}, {"text": "b"}]}
+
+    async def scenario():
+        async with in_process(broken) as mcp:
+            return await mcp.call_tool("deduplicate_chunks", body)
+
+    result = run(scenario)
+    expected = create_app(Config(), embedder=broken).test_client().post("/v1/dedupe", json=body)
+    assert expected.status_code == 500
+    assert result.is_error
+    assert result.content[0].text == expected.get_json()["error"] == "internal error in stage embedding"
