@@ -344,8 +344,9 @@ def test_http_accepts_any_configured_key_bare_or_bearer(http_server):
         async with http_server.client(key="wrong") as mcp:
             await mcp.list_tools()
 
-    with pytest.raises(Exception):
+    with pytest.raises(BaseExceptionGroup) as refused:  # the SDK's task groups wrap the error
         run(scenario)
+    assert refused.group_contains(MCPError, match="error response")
 
 
 # --- in process (the same server object, no subprocess) ----------------------------------
