@@ -12,14 +12,13 @@ from typing import TYPE_CHECKING
 from flask import Flask, Response, request
 
 from pipeline.embed import BUNDLED_MODEL, Embedder, EmbeddingCache, FastEmbedModel
-from pipeline.profiles import coverage_threshold, model_threshold
 from pipeline.offload import Offload
 from pipeline.runner import Defaults
 
 from .api import api
 from .openapi import openapi
 from .auth import check_api_key
-from .config import MIB, Config, load_config
+from .config import MIB, Config, load_config, request_defaults
 from .errors import register_error_handlers
 from .metrics import init_metrics
 from .offload import CpuPool
@@ -65,12 +64,7 @@ def create_app(
         config=config,
         embedder=embedder or FastEmbedModel(config.embedding_model),
         offload=CpuPool(),
-        defaults=Defaults(
-            go_threshold=config.threshold,
-            model_threshold=config.model_threshold or model_threshold(config.embedding_model),
-            lambda_=config.lambda_,
-            coverage_threshold=coverage_threshold(config.embedding_model),
-        ),
+        defaults=request_defaults(config),
         cache=EmbeddingCache(config.embed_cache_mb * MIB),
     )
     register_error_handlers(app)

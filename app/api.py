@@ -6,7 +6,7 @@ import time
 
 from flask import Blueprint, Response, current_app, request
 
-from pipeline.embed import ModelUnavailable, tokens_to_embed
+from pipeline.embed import ModelUnavailable
 from pipeline.runner import drain, run
 from pipeline.types import DedupeRequest, StageError
 
@@ -14,7 +14,7 @@ from . import jsonio
 from .metrics import StreamTracker, observe
 from .streaming import sse_frames
 from .tracing import traced
-from .validate import ApiError, check_model_dimension, check_token_limit, parse_request
+from .validate import ApiError, check_against_model, parse_request
 
 api = Blueprint("api", __name__)
 
@@ -86,15 +86,7 @@ def _read_request() -> tuple[float, DedupeRequest]:
         raise ApiError(400, f"invalid JSON: {exc}") from None
     started = time.perf_counter()
     dedupe_request = parse_request(body, service.config)
-    if dedupe_request.needs_model:
-        try:
-            model_dim = service.offload(service.embedder.dim)
-        except ModelUnavailable as exc:
-            raise ApiError(503, f"embedding model unavailable: {exc}") from None
-        if dedupe_request.model_embeds:
-            check_model_dimension(dedupe_request, model_dim)
-            texts = dedupe_request.unique_texts_to_embed
-            check_token_limit(service.offload(tokens_to_embed, texts, service.embedder, service.cache), service.config)
+    service.offload(check_against_model, dedupe_request, service.embedder, service.cache, service.config)
     return started, dedupe_request
 
 

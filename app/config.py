@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from typing import Callable, Mapping
 
 from pipeline.embed import BUNDLED_MODEL
+from pipeline.profiles import coverage_threshold, model_threshold
+from pipeline.runner import Defaults
 
 MIB = 1024 * 1024
 
@@ -62,6 +64,16 @@ def load_config(env: Mapping[str, str] | None = None) -> Config:
         sse_heartbeat_s=read(
             "DISTILL_SSE_HEARTBEAT_S", _bounded(0, 3600, open_low=True), defaults.sse_heartbeat_s
         ),
+    )
+
+
+def request_defaults(config: Config) -> Defaults:
+    """What a request leaves open, as every front end (HTTP, MCP) resolves it."""
+    return Defaults(
+        go_threshold=config.threshold,
+        model_threshold=config.model_threshold or model_threshold(config.embedding_model),
+        lambda_=config.lambda_,
+        coverage_threshold=coverage_threshold(config.embedding_model),
     )
 
 

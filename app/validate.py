@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.embed import Embedder, EmbeddingCache, ModelUnavailable, tokens_to_embed
 from pipeline.types import GUARDS, LINKAGES, SELECTIONS, Chunk, DedupeRequest
 
 from .config import Config
@@ -80,12 +81,26 @@ def check_model_dimension(request: DedupeRequest, model_dim: int) -> None:
         )
 
 
-def check_token_limit(tokens: int, config: Config) -> None:
-    """A request whose texts to embed hold more tokens than DISTILL_MAX_TOKENS is a 413."""
-    if tokens > config.max_tokens:
-        raise ApiError(
-            413, f"too many tokens to embed: {tokens} > DISTILL_MAX_TOKENS ({config.max_tokens})"
-        )
+def check_against_model(
+    request: DedupeRequest, embedder: Embedder, cache: EmbeddingCache | None, config: Config
+) -> None:
+    """The checks that need the model, before any work: it must load (else 503); given
+    vectors must match its dimension (400); the texts to embed must hold at most
+    DISTILL_MAX_TOKENS tokens (413). Blocking (it may load the model and tokenize):
+    front ends call it off their event loop."""
+    if not request.needs_model:
+        return
+    try:
+        model_dim = embedder.dim()
+    except ModelUnavailable as exc:
+        raise ApiError(503, f"embedding model unavailable: {exc}") from None
+    if request.model_embeds:
+        check_model_dimension(request, model_dim)
+        tokens = tokens_to_embed(request.unique_texts_to_embed, embedder, cache)
+        if tokens > config.max_tokens:
+            raise ApiError(
+                413, f"too many tokens to embed: {tokens} > DISTILL_MAX_TOKENS ({config.max_tokens})"
+            )
 
 
 def _chunk(raw: Any, index: int) -> Chunk:

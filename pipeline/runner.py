@@ -152,6 +152,7 @@ def _run_stages(
         input_count=len(chunks),
         cluster_count=len(clusters),
         latency_ms=int((clock() - started) * 1000),
+        labels=tuple(labels.tolist()),
     )
 
 

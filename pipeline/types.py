@@ -107,6 +107,7 @@ class Result:
     cluster_count: int
     latency_ms: int = 0
     cache_prefix: CachePrefix | None = None  # set when a cache prefix was frozen
+    labels: tuple[int, ...] = ()  # every input chunk's cluster id, in input order (not on the wire)
 
     @property
     def output_count(self) -> int:
