@@ -288,7 +288,7 @@ class Clustering:
         labels = cluster_labels(distances, self.threshold, self.method)
         eligible = np.ones(len(index), dtype=bool)
         if covers is not None:
-            labels, eligible = _split_uncovered(labels, covers)
+            labels, eligible = _split_uncovered(labels, covers, self.coverage.sizes(index))
         return index, labels, eligible, guarded
 
     def _coverage_blocks(self, groups: list[np.ndarray]) -> np.ndarray:
@@ -303,7 +303,7 @@ class Clustering:
         return covers
 
 
-def _split_uncovered(labels: np.ndarray, covers: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _split_uncovered(labels: np.ndarray, covers: np.ndarray, sizes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Split every cluster that no member covers (`covering_split`); local labels and
     which members may represent their cluster."""
     out = np.empty(len(labels), dtype=np.int64)
@@ -314,7 +314,7 @@ def _split_uncovered(labels: np.ndarray, covers: np.ndarray) -> tuple[np.ndarray
             out[group] = next_label
             next_label += 1
             continue
-        parts, eligible[group] = covering_split(covers[np.ix_(group, group)])
+        parts, eligible[group] = covering_split(covers[np.ix_(group, group)], sizes[group])
         out[group] = next_label + parts
         next_label += int(parts.max()) + 1
     return out, eligible

@@ -75,6 +75,10 @@ class Coverage:
         if self.cache is not None:
             self.cache.put_many(computed)
 
+    def sizes(self, chunks: Sequence[int]) -> np.ndarray:
+        """(m,) int: how many sentences each of the prepared chunks has."""
+        return np.array([len(self._sentences[c]) for c in chunks])
+
     def covers(self, chunks: Sequence[int]) -> np.ndarray:
         """(m, m) bool: [a, b] is whether chunk chunks[a] covers chunk chunks[b].
 
@@ -124,7 +128,7 @@ def sentences(text: str, embedder: Embedder) -> list[str]:
     return out
 
 
-def covering_split(covers: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def covering_split(covers: np.ndarray, sizes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Split one cluster until some member of each part covers all the others.
 
     `covers`: (m, m) bool among the cluster's members (in input order). Returns
@@ -142,7 +146,8 @@ def covering_split(covers: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         best = int(np.argmax(sub.sum(axis=1)))
         taken = remaining[sub[best]] if not sub.all() else remaining
         parts[taken] = part
-        eligible[taken[covers[np.ix_(taken, taken)].all(axis=1)]] = True
+        covering = taken[covers[np.ix_(taken, taken)].all(axis=1)]
+        eligible[covering[sizes[covering] == sizes[covering].max()]] = True
         remaining = np.setdiff1d(remaining, taken)
         part += 1
     return parts, eligible

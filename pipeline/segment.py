@@ -28,7 +28,7 @@ _PARAGRAPH = re.compile(r"\n[ \t]*\n\s*")
 _STRUCTURED_LINE = re.compile(  # (matched at a line's start)
     r"(?:\s*(?:[-*+\u2022]|\d{1,3}[.)])\s|\s*#{1,6}\s|\s*\||\s*[=\-~^\"'`#*+]{3,}\s*$|\t| {4}|\s*```)"
 )
-MIN_UNIT_CHARS = 24  # shorter pieces ("Note:", "Example") join their neighbour
+MIN_UNIT_CHARS = 24  # shorter pieces ("Note:", "Example") join their neighbour in the paragraph
 
 
 def units(text: str) -> list[Span]:
@@ -41,10 +41,11 @@ def units(text: str) -> list[Span]:
     for start, end in _paragraphs(text):
         lines = _line_spans(text, start, end)
         if any(_STRUCTURED_LINE.match(text, a, b) for a, b in lines):
-            pieces.extend(_strip(text, a, b) for a, b in lines)
+            found = [_strip(text, a, b) for a, b in lines]
         else:
-            pieces.extend(_sentences(text, start, end))
-    return _join_short([(a, b) for a, b in pieces if b > a])
+            found = _sentences(text, start, end)
+        pieces.extend(_join_short([(a, b) for a, b in found if b > a]))
+    return pieces
 
 
 def windows(text: str, tokens: Sequence[Span], limit: int) -> list[tuple[Span, int]]:
@@ -125,7 +126,9 @@ def _sentences(text: str, start: int, end: int) -> list[Span]:
 
 
 def _join_short(pieces: list[Span]) -> list[Span]:
-    """Merge pieces under MIN_UNIT_CHARS into the next one (the last into the previous)."""
+    """Merge pieces under MIN_UNIT_CHARS into the next one (the last into the previous),
+    within one paragraph: a unit never spans two, so removing a paragraph leaves the
+    others' units as they were."""
     out: list[Span] = []
     pending: int | None = None  # start of short pieces waiting for the next one
     for a, b in pieces:
