@@ -55,6 +55,8 @@ class NumberGuard:
     """The guard over one list of texts, parsed once: for dense distance
     matrices (`apply`) and for the large-n path's lists of pairs (`separates`)."""
 
+    name = "numbers"
+
     def __init__(self, texts: Sequence[str]):
         sets = [numbers_in(t) for t in texts]
         numbered = [i for i, s in enumerate(sets) if s]

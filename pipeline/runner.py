@@ -29,6 +29,7 @@ from .embed import (
     l2_normalise,
     length_sorted_batches,
 )
+from .explain import explain
 from .guards import NumberGuard
 from .mmr import mmr_order
 from .offload import INLINE, Offload
@@ -78,7 +79,7 @@ def run(
     if guards is None:
         guards = defaults.model_guards if model_mode else ()
     texts = [c.text for c in chunks]
-    labels = yield from _stage(
+    labels, guard_objects = yield from _stage(
         CLUSTERING, _cluster(unit, texts, threshold, guards, request.linkage, offload, clock), clock
     )
     clusters = members(labels)
@@ -86,12 +87,17 @@ def run(
     picked = yield from _stage(
         SELECTION, _select(clusters, request.selection, unit, scores, texts, offload), clock
     )
+    per_cluster = picked
     if 0 < request.target_k < len(picked):
         lambda_ = defaults.lambda_ if request.lambda_ is None else request.lambda_
         relevance = _relevance(picked, scores, unit, query_vector)
         picked = yield from _stage(
             MMR, _mmr(picked, unit, relevance, lambda_, request.target_k, offload), clock
         )
+    explained = None
+    if request.explain:
+        ids = [c.id for c in chunks]
+        explained = offload(explain, ids, unit, labels, per_cluster, picked, threshold, guard_objects)
     yield Result(
         chunks=[
             OutputChunk(chunks[i].id, chunks[i].text, chunks[i].score, int(labels[i]))
@@ -100,6 +106,7 @@ def run(
         input_count=len(chunks),
         cluster_count=len(clusters),
         latency_ms=int((clock() - started) * 1000),
+        explain=explained,
     )
 
 
@@ -199,7 +206,7 @@ def _cluster(unit, texts, threshold, guards, method, offload: Offload, clock):
         "threshold": threshold,
         "guarded_pairs": job.guarded_pairs,
     }
-    return job.labels, stats
+    return (job.labels, [guard] if guard is not None else []), stats
 
 
 def _select(clusters, strategy, unit, scores, texts, offload: Offload):

@@ -39,6 +39,7 @@ class DedupeRequest:
     selection: str = "score"
     query: str | None = None
     query_embedding: np.ndarray | None = None
+    explain: bool = False
 
     @property
     def texts_to_embed(self) -> list[int]:
@@ -75,6 +76,7 @@ class Result:
     input_count: int
     cluster_count: int
     latency_ms: int = 0
+    explain: dict[str, Any] | None = None  # pipeline/explain.py's object, when asked for
 
     @property
     def output_count(self) -> int:
@@ -87,7 +89,7 @@ class Result:
 
     def to_wire(self) -> dict[str, Any]:
         """The response object, keys in the Go service's struct order."""
-        return {
+        wire = {
             "chunks": [
                 {"id": c.id, "text": c.text, "score": c.score, "cluster_id": c.cluster_id}
                 for c in self.chunks
@@ -100,6 +102,9 @@ class Result:
                 "latency_ms": self.latency_ms,
             },
         }
+        if self.explain is not None:
+            wire["explain"] = self.explain
+        return wire
 
 
 class StageError(Exception):
