@@ -18,6 +18,7 @@ from pipeline.runner import Defaults
 
 from .api import api
 from .openapi import openapi
+from .page import page
 from .auth import check_api_key
 from .config import Config, load_config
 from .errors import register_error_handlers
@@ -78,6 +79,7 @@ def create_app(
     _register_cors_and_auth(app, config)
     app.register_blueprint(api)
     app.register_blueprint(openapi)
+    app.register_blueprint(page)
     return app
 
 

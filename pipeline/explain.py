@@ -14,17 +14,20 @@ machine, so numbers are computed in float64 and rounded:
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Protocol, Sequence
 
 import numpy as np
 from scipy import linalg
+
+from .offload import INLINE, Offload
 
 MAX_GUARDED_PAIRS = 1000
 DISTANCE_DECIMALS = 6
 MAP_DECIMALS = 4
 MAX_DISTANCE = 2.0
 CANDIDATE_EPS = 1e-5  # float32 tiles keep pairs up to t + eps; the float64 distance decides
-TILE_ENTRIES = 1 << 24  # float32 similarities per tile (64 MB)
+TILE_ENTRIES = 1 << 22  # float32 similarities per tile (16 MB): small, so the search stops soon
 DISTANCE_BLOCK_ROWS = 1024
 TIE = 1e-6  # eigenvalues this close (relative; float32 inputs carry ~6e-8) are one eigenspace
 FLAT = 1e-12  # an axis with variance below this share of the largest has no spread
@@ -49,18 +52,19 @@ def explain(
     kept: Sequence[int],
     threshold: float,
     guards: Sequence[Guard],
+    offload: Offload = INLINE,
 ) -> dict:
     """The wire object: `chunks` (one row per input), `guarded_pairs`, `map`.
 
     unit: (n, d) float32, rows L2-normalised (or zero); labels: (n,) cluster
     ids; representatives: the input index chosen in each cluster, by cluster
-    id; kept: the input indices returned (after MMR, when it ran).
+    id; kept: the input indices returned (after MMR, when it ran). The parts
+    run on `offload` (the same answer at any width).
     """
-    return {
-        "chunks": chunk_rows(ids, unit, labels, representatives, kept),
-        "guarded_pairs": guarded_pairs(unit, threshold, guards),
-        "map": pca_map(unit),
-    }
+    rows, layout = offload.all([
+        partial(chunk_rows, ids, unit, labels, representatives, kept), partial(pca_map, unit),
+    ])
+    return {"chunks": rows, "guarded_pairs": guarded_pairs(unit, threshold, guards, offload=offload), "map": layout}
 
 
 def chunk_rows(
@@ -109,36 +113,56 @@ def cosine_distances(unit: np.ndarray, first: np.ndarray, second: np.ndarray) ->
 
 
 def guarded_pairs(
-    unit: np.ndarray, threshold: float, guards: Sequence[Guard], limit: int = MAX_GUARDED_PAIRS
+    unit: np.ndarray,
+    threshold: float,
+    guards: Sequence[Guard],
+    limit: int = MAX_GUARDED_PAIRS,
+    offload: Offload = INLINE,
 ) -> list[dict]:
     """Pairs (a < b) within `threshold` by distance alone that a guard held apart,
     ascending, at most `limit`; each names the first guard (in `guards` order)
     that separates it.
 
     Row tiles of float32 similarities find the candidates (upper triangle, with a
-    margin), the guards judge them, and the float64 distance decides; the tiles
-    come in row order, so the first `limit` found are the smallest pairs.
+    margin), the guards judge them, and the float64 distance decides. Tiles run
+    `offload.width` at a time, in row order, until `limit` pairs are found: the
+    first found are the smallest pairs.
     """
     n = len(unit)
     if not guards or n < 2:
         return []
-    min_similarity = np.float32(1.0 - threshold - CANDIDATE_EPS)
+    tiles, r0 = [], 0
+    while r0 < n - 1:
+        tiles.append((r0, min(n, r0 + max(1, TILE_ENTRIES // (n - r0)))))
+        r0 = tiles[-1][1]
     found: list[dict] = []
-    r0 = 0
-    while r0 < n - 1 and len(found) < limit:
-        r1 = min(n, r0 + max(1, TILE_ENTRIES // (n - r0)))
-        similarities = unit[r0:r1] @ unit[r0:].T
-        rows, cols = np.divmod(np.flatnonzero(similarities >= min_similarity), n - r0)
-        upper = cols > rows
-        first, second = rows[upper] + r0, cols[upper] + r0
-        guard_of = _first_separating_guard(guards, first, second)
-        held = guard_of >= 0
-        first, second, guard_of = first[held], second[held], guard_of[held]
-        within = cosine_distances(unit, first, second) <= threshold
-        for a, b, g in zip(first[within].tolist(), second[within].tolist(), guard_of[within].tolist()):
-            found.append({"a": a, "b": b, "guard": guards[g].name})
-        r0 = r1
+    for start in range(0, len(tiles), offload.width):
+        group = tiles[start : start + offload.width]
+        for pairs in offload.all([partial(_tile_pairs, unit, r0, r1, threshold, guards) for r0, r1 in group]):
+            found.extend(pairs)
+        if len(found) >= limit:
+            break
     return found[:limit]
+
+
+def _tile_pairs(
+    unit: np.ndarray, r0: int, r1: int, threshold: float, guards: Sequence[Guard]
+) -> list[dict]:
+    """The guarded pairs (a, b) with r0 <= a < r1, a < b, ascending."""
+    width = len(unit) - r0
+    similarities = unit[r0:r1] @ unit[r0:].T
+    min_similarity = np.float32(1.0 - threshold - CANDIDATE_EPS)
+    rows, cols = np.divmod(np.flatnonzero(similarities >= min_similarity), width)
+    upper = cols > rows
+    first, second = rows[upper] + r0, cols[upper] + r0
+    guard_of = _first_separating_guard(guards, first, second)
+    held = guard_of >= 0
+    first, second, guard_of = first[held], second[held], guard_of[held]
+    within = cosine_distances(unit, first, second) <= threshold
+    return [
+        {"a": a, "b": b, "guard": guards[g].name}
+        for a, b, g in zip(first[within].tolist(), second[within].tolist(), guard_of[within].tolist())
+    ]
 
 
 def _first_separating_guard(guards: Sequence[Guard], first: np.ndarray, second: np.ndarray) -> np.ndarray:

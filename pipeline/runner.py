@@ -97,7 +97,7 @@ def run(
     explained = None
     if request.explain:
         ids = [c.id for c in chunks]
-        explained = offload(explain, ids, unit, labels, per_cluster, picked, threshold, guard_objects)
+        explained = explain(ids, unit, labels, per_cluster, picked, threshold, guard_objects, offload)
     yield Result(
         chunks=[
             OutputChunk(chunks[i].id, chunks[i].text, chunks[i].score, int(labels[i]))

@@ -114,7 +114,7 @@ def test_guarded_pairs_are_ascending_and_capped_and_tiles_do_not_matter(monkeypa
     whole = guarded_pairs(unit, 2.0, guards, limit=10**6)
     assert len(whole) == 200 * 200  # every odd-even pair at threshold 2
     assert [(p["a"], p["b"]) for p in whole] == sorted((p["a"], p["b"]) for p in whole)
-    monkeypatch.setattr(explain_module, "TILE_ENTRIES", 1000)  # 2+ rows per tile
+    monkeypatch.setattr(explain_module, "TILE_ENTRIES", 1000)  # tiles of 2+ rows
     assert guarded_pairs(unit, 2.0, guards, limit=10**6) == whole
     assert guarded_pairs(unit, 2.0, guards) == whole[:1000]
 
@@ -251,7 +251,8 @@ def test_guarded_pairs_agree_with_the_clustering_stats(embedder):
     assert stats["guarded_pairs"] == len(items[-1].explain["guarded_pairs"]) == 40 * 39 // 2
 
 
-def test_same_explain_inline_and_on_threads(embedder):
+def test_same_explain_inline_and_on_threads(embedder, monkeypatch):
+    monkeypatch.setattr(explain_module, "TILE_ENTRIES", 3000)  # tiles of 10+ rows, two at once
     vectors = random_unit(300, 384, seed=7)
     vectors[150:] = l2_normalise(vectors[:150] + 0.05 * random_unit(150, 384, seed=8))
     request = DedupeRequest(
