@@ -175,24 +175,29 @@ const colour = (cluster) => (cluster < 0 ? "#595959" : PALETTE[cluster % PALETTE
 function drawMap(points, rows) {
   const svg = $("map");
   svg.replaceChildren(svg.querySelector("title"));
-  const labels = rows.length <= MAX_MAP_LABELS;
+  const placed = []; // label positions so far: near-duplicates' labels stack instead of overlapping
   // Dropped chunks first, so the kept ones' rings are drawn on top.
-  const order = rows.map((row) => row.index).sort((i, j) => (rows[i].state === "kept") - (rows[j].state === "kept") || i - j);
+  const order = rows.map((row) => row.index).sort((i, j) => isKept(rows[i]) - isKept(rows[j]) || i - j);
   for (const index of order) {
     const row = rows[index];
     const [x, y] = points[index];
-    const kept = row.state === "kept" || row.state === "frozen";
+    const kept = isKept(row);
     const circle = element("svg:circle", {
-      cx: String(x), cy: String(-y), r: kept ? "0.06" : "0.04",
+      cx: String(x), cy: String(-y), r: kept ? "0.05" : "0.035",
       fill: colour(row.cluster_id), class: kept ? "kept" : "dropped", "data-chunk-id": row.id,
     });
     circle.append(element("svg:title", {}, `Chunk ${nameOf(row)}: ${kept ? "kept" : "dropped"}, cluster ${row.cluster_id}`));
     svg.append(circle);
-    if (labels) {
-      svg.append(element("svg:text", { x: String(x + 0.075), y: String(-y + 0.03), class: "label", "aria-hidden": "true" }, nameOf(row)));
+    if (rows.length <= MAX_MAP_LABELS) {
+      let labelY = -y + 0.03;
+      while (placed.some(([px, py]) => Math.abs(px - x) < 0.15 && Math.abs(py - labelY) < 0.08)) labelY += 0.085;
+      placed.push([x, labelY]);
+      svg.append(element("svg:text", { x: String(x + 0.065), y: String(labelY), class: "label", "aria-hidden": "true" }, nameOf(row)));
     }
   }
 }
+
+const isKept = (row) => row.state === "kept" || row.state === "frozen";
 
 async function copyCurl() {
   if (!lastRequest) return;
