@@ -142,7 +142,18 @@ def test_response_keys_are_in_the_documented_order(client):
         ("OutputChunk", result["chunks"][0]),
         ("Stats", result["stats"]),
     ]:
-        assert list(obj) == list(SCHEMAS[name]["properties"]) == SCHEMAS[name]["required"]
+        assert list(obj) == list(SCHEMAS[name]["properties"])[: len(obj)] == SCHEMAS[name]["required"]
+
+
+def test_explain_is_documented_and_in_order(client):
+    body = {"chunks": [{"id": "a", "embedding": [1, 0]}, {"id": "b", "embedding": [1, 0.01]}], "explain": True}
+    result = client.post("/v1/dedupe", json=body).get_json()
+    assert_conforms("DedupeResponse", result)
+    assert list(result) == list(SCHEMAS["DedupeResponse"]["properties"])
+    assert list(result["explain"]) == list(SCHEMAS["Explain"]["properties"]) == SCHEMAS["Explain"]["required"]
+    row = result["explain"]["chunks"][1]
+    assert list(row) == list(SCHEMAS["ExplainChunk"]["properties"]) == SCHEMAS["ExplainChunk"]["required"]
+    assert row["state"] == "duplicate" and SCHEMAS["ExplainChunk"]["properties"]["state"]["enum"][1] == "duplicate"
 
 
 # ------------------------------------------- the request schema accepts what the code accepts
@@ -215,6 +226,7 @@ def request_samples() -> list:
     samples += [with_chunk(embedding=[v]) for v in [0, -1, 1e-46, True, "1", None, *edges(float32)]]
     samples += [with_chunk(text="a", embedding=s) for s in base64_samples()]
     samples += [with_chunk(text="a", embedding=[[1.0]]), with_chunk(text="a", embedding={"a": 1})]
+    samples += [with_field("explain", v) for v in [None, True, False, 0, 1, "true", [], {}]]
     samples += [{"chunks": [{"text": "a"}], "unknown": [1]}, {"chunks": [{"text": "a", "x": None}]}]
     return samples
 
