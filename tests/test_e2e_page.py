@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from .support import ROOT, Server, SSEParser
+from .support import ROOT, Server, SSEParser, synthetic_texts
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -41,7 +41,9 @@ window.__mutations = [];
 new MutationObserver((records) => {
   for (const r of records) {
     if (r.type === "attributes" && r.target.tagName === "PROGRESS") {
-      window.__mutations.push([r.target.id.replace("stage-", ""), r.target.value]);
+      // How many streams the browser had received in full at this moment.
+      const done = performance.getEntriesByType("resource").filter((e) => e.name.endsWith("/v1/dedupe/stream"));
+      window.__mutations.push([r.target.id.replace("stage-", ""), r.target.value, done.length]);
     } else if (r.type === "childList" && r.target.id === "chunk-list" && r.addedNodes.length) {
       window.__mutations.push(["chunks", r.addedNodes.length]);
     }
@@ -165,7 +167,7 @@ def test_five_chunks_live_progress_duplicate_guard_and_map(visit, server):
     mutations = page.evaluate("window.__mutations")
     shown = [m[0] for m in mutations].index("chunks")
     for stage in ("embedding", "clustering", "selection"):
-        values = [value for name, value in mutations[:shown] if name == stage]
+        values = [m[1] for m in mutations[:shown] if m[0] == stage]
         assert values[0] == 0 and values[-1] == 1, (stage, mutations)
         bar = page.get_by_role("progressbar", name=stage, exact=True)
         assert bar.evaluate("bar => bar.value") == 1
@@ -202,6 +204,19 @@ def test_five_chunks_live_progress_duplicate_guard_and_map(visit, server):
 
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "page.png"), full_page=True)
+
+
+def test_bars_fill_while_the_stream_is_still_arriving(visit):
+    """400 texts take the model about a second: the embedding bar moves through fractions
+    before the browser has received the whole response (resource timing lists a fetch
+    only once its body is complete)."""
+    page = visit.open("/")
+    visit.run("\n\n".join(synthetic_texts(400, seed=17)))
+    visit.wait_for_result()
+    embedding = [m for m in page.evaluate("window.__mutations") if m[0] == "embedding"]
+    assert any(0 < value < 1 for _, value, _ in embedding), embedding
+    assert embedding[0][2] == 0, "the first progress was shown only after the whole stream arrived"
+    assert page.locator("li[data-chunk-id]").count() == 400
 
 
 def test_the_playground_path_serves_the_same_page(visit):
