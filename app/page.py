@@ -52,15 +52,17 @@ def playground() -> Response:
     return page_response()
 
 
-def _asset_view(name: str, mimetype: str):
+def _add_asset_route(name: str, mimetype: str) -> None:
+    """One fixed route per file (no path parameter: nothing else under /playground/ exists)."""
+
     def view() -> Response:
         return _file_response(name, mimetype)
 
-    return view
+    page.add_url_rule(f"/playground/{name}", "asset_" + name.replace(".", "_"), view, methods=["GET"])
 
 
 for _name, (_mimetype, _) in ASSETS.items():
-    page.add_url_rule(f"/playground/{_name}", "asset_" + _name.replace(".", "_"), _asset_view(_name, _mimetype), methods=["GET"])
+    _add_asset_route(_name, _mimetype)
 
 
 @cache

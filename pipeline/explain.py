@@ -64,7 +64,8 @@ def explain(
     rows, layout = offload.all([
         partial(chunk_rows, ids, unit, labels, representatives, kept), partial(pca_map, unit),
     ])
-    return {"chunks": rows, "guarded_pairs": guarded_pairs(unit, threshold, guards, offload=offload), "map": layout}
+    pairs = guarded_pairs(unit, threshold, guards, offload=offload)
+    return {"chunks": rows, "guarded_pairs": pairs, "map": layout}
 
 
 def chunk_rows(
@@ -81,7 +82,8 @@ def chunk_rows(
     distances = cosine_distances(unit, np.arange(len(unit)), representative)
     returned = set(kept)
     rows = []
-    for i, (chunk_id, cluster, rep, distance) in enumerate(zip(ids, labels.tolist(), representative.tolist(), distances.tolist())):
+    columns = zip(ids, labels.tolist(), representative.tolist(), distances.tolist())
+    for i, (chunk_id, cluster, rep, distance) in enumerate(columns):
         if rep != i:
             state, kept_index, distance = "duplicate", rep, round(distance, DISTANCE_DECIMALS)
         elif i in returned:

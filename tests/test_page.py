@@ -42,8 +42,9 @@ def test_the_page_and_its_files(client):
         response = client.get(f"/playground/{name}")
         assert response.status_code == 200 and response.mimetype == mimetype, name
         assert response.data == (ROOT / "app" / "page" / name).read_bytes()
-    for script in re.findall(rb'(?:src|from) ?"\.?/?(?:playground/)?([\w.]+\.js)"', page.data + client.get("/playground/page.js").data):
-        assert script.decode() in ASSETS
+    sources = page.data + client.get("/playground/page.js").data
+    scripts = re.findall(rb'(?:src=|from )"(?:\./|playground/)([\w.]+\.js)"', sources)
+    assert {s.decode() for s in scripts} == {name for name in ASSETS if name.endswith(".js")}
 
 
 @pytest.mark.parametrize("path", ["/playground", "/playground/page.js", "/"])
