@@ -17,6 +17,7 @@ from pipeline.runner import Defaults
 
 from .api import api
 from .openapi import openapi
+from .page import page
 from .auth import check_api_key
 from .config import MIB, Config, load_config, request_defaults
 from .errors import register_error_handlers
@@ -73,6 +74,7 @@ def create_app(
     _register_cors_and_auth(app, config)
     app.register_blueprint(api)
     app.register_blueprint(openapi)
+    app.register_blueprint(page)
     return app
 
 

@@ -12,6 +12,8 @@ from pipeline.types import DedupeRequest, StageError
 
 from . import jsonio
 from .metrics import StreamTracker, observe
+from .page import ENDPOINTS as PAGE_ENDPOINTS
+from .page import page_response, wants_page
 from .streaming import sse_frames
 from .tracing import traced
 from .validate import ApiError, check_against_model, parse_request
@@ -28,8 +30,9 @@ ENDPOINTS = {
     "POST /v1/dedupe/stream": "de-duplicate chunks; Server-Sent Events of per-stage progress",
     "GET /health": "liveness",
     "GET /metrics": "Prometheus metrics",
-    "GET /": "this index",
+    "GET /": "this index (a browser gets the page, as at /playground)",
     "GET /openapi.json": "this API's OpenAPI 3.1 document",
+    **PAGE_ENDPOINTS,
 }
 
 
@@ -39,9 +42,15 @@ def json_response(obj, status: int = 200) -> Response:
 
 @api.get("/")
 def index() -> Response:
+    """The JSON index; a browser (Accept names text/html) gets the page instead."""
     from . import __version__
 
-    return json_response({"name": "distill", "version": __version__, "endpoints": ENDPOINTS})
+    if wants_page():
+        response = page_response()
+    else:
+        response = json_response({"name": "distill", "version": __version__, "endpoints": ENDPOINTS})
+    response.vary.add("Accept")
+    return response
 
 
 @api.get("/health")

@@ -66,6 +66,7 @@ def parse_request(body: Any, config: Config) -> DedupeRequest:
         query=_optional_string(body.get("query"), "query") or None,
         query_embedding=query_embedding,
         frozen_count=frozen_count,
+        explain=_flag(body.get("explain"), "explain"),
     )
 
 
@@ -247,6 +248,15 @@ def _target_k(value: Any) -> int:
         raise bad("target_k must be an integer")
     if value < 0:
         raise bad(f"target_k must be >= 0, got {value}")
+    return value
+
+
+def _flag(value: Any, name: str) -> bool:
+    """An optional JSON boolean (null means false); 1 or "true" is refused, not guessed."""
+    if value is None:
+        return False
+    if type(value) is not bool:
+        raise bad(f"{name} must be true or false")
     return value
 
 

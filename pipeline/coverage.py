@@ -75,6 +75,16 @@ class Coverage:
         if self.cache is not None:
             self.cache.put_many(computed)
 
+    def separates(self, first: np.ndarray, second: np.ndarray) -> np.ndarray:
+        """(e,) bool: whether neither of chunks first[k], second[k] covers the other (what
+        `explain` lists). Only prepared chunks are judged: no other pair was in question."""
+        out = np.zeros(len(first), dtype=bool)
+        for k, (a, b) in enumerate(zip(first.tolist(), second.tolist())):
+            if a in self._sentences and b in self._sentences:
+                covers = self.covers([a, b])
+                out[k] = not (covers[0, 1] or covers[1, 0])
+        return out
+
     def sizes(self, chunks: Sequence[int]) -> np.ndarray:
         """(m,) int: how many sentences each of the prepared chunks has."""
         return np.array([len(self._sentences[c]) for c in chunks])

@@ -57,6 +57,8 @@ class NumberGuard:
 
     name = "numbers"
 
+    name = "numbers"
+
     def __init__(self, texts: Sequence[str]):
         sets = [numbers_in(t) for t in texts]
         numbered = [i for i, s in enumerate(sets) if s]

@@ -31,6 +31,7 @@ from .embed import (
     l2_normalise,
     length_sorted_batches,
 )
+from .explain import explain, with_frozen_prefix
 from .guards import NumberGuard
 from .segment import windows
 from .mmr import mmr_order
@@ -95,6 +96,7 @@ def run(
             suffix_input_count=len(suffix.chunks),
             suffix_output_count=len(result.chunks),
         ),
+        explain=with_frozen_prefix(result.explain, [c.id for c in frozen]) if request.explain else None,
     )
 
 
@@ -130,7 +132,7 @@ def _run_stages(
     if "coverage" in guards:
         embedded = {chunks[i].text: vectors[i] for i in request.texts_to_embed}  # (one-sentence chunks)
         coverage = Coverage(texts, embedder, defaults.coverage_threshold, cache, embedded)
-    labels, eligible = yield from _stage(
+    labels, eligible, guard_objects = yield from _stage(
         CLUSTERING, _cluster(unit, texts, threshold, guards, coverage, request.linkage, offload, clock), clock
     )
     clusters = members(labels)
@@ -138,12 +140,17 @@ def _run_stages(
     picked = yield from _stage(
         SELECTION, _select(clusters, request.selection, unit, scores, texts, eligible, offload), clock
     )
+    per_cluster = picked
     if 0 < request.target_k < len(picked):
         lambda_ = defaults.lambda_ if request.lambda_ is None else request.lambda_
         relevance = _relevance(picked, scores, unit, query_vector)
         picked = yield from _stage(
             MMR, _mmr(picked, unit, relevance, lambda_, request.target_k, offload), clock
         )
+    explained = None
+    if request.explain:
+        ids = [c.id for c in chunks]
+        explained = explain(ids, unit, labels, per_cluster, picked, threshold, guard_objects, offload)
     yield Result(
         chunks=[
             OutputChunk(chunks[i].id, chunks[i].text, chunks[i].score, int(labels[i]))
@@ -153,6 +160,7 @@ def _run_stages(
         cluster_count=len(clusters),
         latency_ms=int((clock() - started) * 1000),
         labels=tuple(labels.tolist()),
+        explain=explained,
     )
 
 
@@ -300,7 +308,8 @@ def _cluster(unit, texts, threshold, guards, coverage: Coverage | None, method, 
     }
     if coverage is not None:
         stats["sentences"] = coverage.compared
-    return (job.labels, job.eligible), stats
+    guards_used = [g for g in (guard, coverage) if g is not None]
+    return (job.labels, job.eligible, guards_used), stats
 
 
 def _select(clusters, strategy, unit, scores, texts, eligible, offload: Offload):

@@ -43,6 +43,7 @@ class DedupeRequest:
     query: str | None = None
     query_embedding: np.ndarray | None = None
     frozen_count: int = 0  # leading chunks frozen as a cache prefix: returned as sent, never embedded
+    explain: bool = False
 
     @property
     def texts_to_embed(self) -> list[int]:
@@ -108,6 +109,7 @@ class Result:
     latency_ms: int = 0
     cache_prefix: CachePrefix | None = None  # set when a cache prefix was frozen
     labels: tuple[int, ...] = ()  # every input chunk's cluster id, in input order (not on the wire)
+    explain: dict[str, Any] | None = None  # pipeline/explain.py's object, when asked for
 
     @property
     def output_count(self) -> int:
@@ -135,6 +137,8 @@ class Result:
         }
         if self.cache_prefix is not None:
             wire["stats"].update(self.cache_prefix.wire())  # after latency_ms, as Go
+        if self.explain is not None:
+            wire["explain"] = self.explain
         return wire
 
 

@@ -158,6 +158,17 @@ def test_a_frozen_cache_prefix_answer_has_every_documented_stat_in_order(client)
     assert_conforms("DedupeResponse", every_chunk_frozen)
 
 
+def test_explain_is_documented_and_in_order(client):
+    body = {"chunks": [{"id": "a", "embedding": [1, 0]}, {"id": "b", "embedding": [1, 0.01]}], "explain": True}
+    result = client.post("/v1/dedupe", json=body).get_json()
+    assert_conforms("DedupeResponse", result)
+    assert list(result) == list(SCHEMAS["DedupeResponse"]["properties"])
+    assert list(result["explain"]) == list(SCHEMAS["Explain"]["properties"]) == SCHEMAS["Explain"]["required"]
+    row = result["explain"]["chunks"][1]
+    assert list(row) == list(SCHEMAS["ExplainChunk"]["properties"]) == SCHEMAS["ExplainChunk"]["required"]
+    assert row["state"] == "duplicate" and SCHEMAS["ExplainChunk"]["properties"]["state"]["enum"][1] == "duplicate"
+
+
 # ------------------------------------------- the request schema accepts what the code accepts
 
 
@@ -228,6 +239,7 @@ def request_samples() -> list:
     samples += [with_chunk(embedding=[v]) for v in [0, -1, 1e-46, True, "1", None, *edges(float32)]]
     samples += [with_chunk(text="a", embedding=s) for s in base64_samples()]
     samples += [with_chunk(text="a", embedding=[[1.0]]), with_chunk(text="a", embedding={"a": 1})]
+    samples += [with_field("explain", v) for v in [None, True, False, 0, 1, "true", [], {}]]
     samples += [{"chunks": [{"text": "a"}], "unknown": [1]}, {"chunks": [{"text": "a", "x": None}]}]
     odd = [None, "", "x", 0, 1, 1.5, True, False, [], ["x"], {}, {"type": "ephemeral"}]
     samples += [with_field("options", v) for v in odd]
