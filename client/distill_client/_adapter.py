@@ -7,6 +7,7 @@ caller's objects, metadata and all, come back in the service's order.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping, Sequence
 from typing import Any, TypeVar
 
@@ -26,6 +27,7 @@ class Clients:
                  timeout: float | httpx.Timeout = DEFAULT_TIMEOUT, max_retries: int = DEFAULT_MAX_RETRIES):
         self._sync = client if isinstance(client, DistillClient) else None
         self._async = client if isinstance(client, AsyncDistillClient) else None
+        self._own_async, self._async_loop = False, None
         if client is not None and self._sync is None and self._async is None:
             raise TypeError(f"client must be a DistillClient or an AsyncDistillClient, not {type(client).__name__}")
         self._settings: dict[str, Any] = client._settings if client is not None else {
@@ -39,8 +41,15 @@ class Clients:
 
     @property
     def async_(self) -> AsyncDistillClient:
-        if self._async is None:
-            self._async = AsyncDistillClient(**self._settings)
+        """The async client; one built here is rebuilt for each new event loop.
+
+        An httpx connection pool belongs to the loop that opened it, and
+        callers often run each query in its own `asyncio.run`.
+        """
+        if self._own_async or self._async is None:
+            loop = asyncio.get_running_loop()
+            if self._async is None or self._async_loop is not loop:
+                self._async, self._async_loop, self._own_async = AsyncDistillClient(**self._settings), loop, True
         return self._async
 
 
