@@ -1,7 +1,7 @@
 """`distill dedupe [FILE|-]`: de-duplicate chunks from a file or stdin; kept chunks out as JSON Lines.
 
 Input: JSON Lines (one chunk object per line), a JSON array (of chunk objects
-or strings), a request body (`{"chunks": [...]}`), or plain text whose
+or strings), a request body's chunks (`{"chunks": [...]}`), or plain text whose
 paragraphs (separated by blank lines) become chunks "1", "2", ... Output: the
 kept input objects, every field as given, each with the service's
 `cluster_id` added, in the service's order. Stage progress bars go to stderr
@@ -64,10 +64,14 @@ def _from_array(items: Any) -> list[dict[str, Any]]:
 
 
 def _from_json_lines(body: str) -> list[dict[str, Any]]:
+    try:
+        whole = json.loads(body)  # one object, maybe over many lines: a request body or a lone chunk
+    except ValueError:
+        pass
+    else:
+        return _from_array(whole["chunks"]) if isinstance(whole.get("chunks"), list) else [whole]
     lines = [(n, line) for n, line in enumerate(body.splitlines(), start=1) if line.strip()]
     objects = [_json(line, f"line {n}") for n, line in lines]
-    if len(objects) == 1 and isinstance(objects[0], dict) and isinstance(objects[0].get("chunks"), list):
-        return _from_array(objects[0]["chunks"])  # a whole request body
     for (n, _), item in zip(lines, objects):
         if not isinstance(item, dict):
             raise InputError(f"line {n} is not a JSON object")
