@@ -24,14 +24,15 @@ class Clients:
 
     def __init__(self, client: DistillClient | AsyncDistillClient | None = None, *,
                  base_url: str = DEFAULT_BASE_URL, api_key: str | None = None,
-                 timeout: float | httpx.Timeout = DEFAULT_TIMEOUT, max_retries: int = DEFAULT_MAX_RETRIES):
+                 timeout: float | httpx.Timeout | None = None, max_retries: int = DEFAULT_MAX_RETRIES):
         self._sync = client if isinstance(client, DistillClient) else None
         self._async = client if isinstance(client, AsyncDistillClient) else None
         self._own_async, self._async_loop = False, None
         if client is not None and self._sync is None and self._async is None:
             raise TypeError(f"client must be a DistillClient or an AsyncDistillClient, not {type(client).__name__}")
         self._settings: dict[str, Any] = client._settings if client is not None else {
-            "base_url": base_url, "api_key": api_key, "timeout": timeout, "max_retries": max_retries}
+            "base_url": base_url, "api_key": api_key, "timeout": DEFAULT_TIMEOUT if timeout is None else timeout,
+            "max_retries": max_retries}
 
     @property
     def sync(self) -> DistillClient:

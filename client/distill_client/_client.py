@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
@@ -62,10 +63,11 @@ class DistillClient:
         """De-duplicate `chunks`. With `on_progress`, the stream is used and each progress event passed to it."""
         if on_progress is None:
             return result_from(self._post(DEDUPE_PATH, build_body(chunks, **options), stream=False))
-        for event in self.stream(chunks, **options):
-            if isinstance(event, CompleteEvent):
-                return event.result
-            on_progress(event)
+        with contextlib.closing(self.stream(chunks, **options)) as events:
+            for event in events:
+                if isinstance(event, CompleteEvent):
+                    return event.result
+                on_progress(event)
         raise DistillError(STREAM_ENDED)  # unreachable: stream() raises first
 
     def stream(self, chunks: Iterable[ChunkLike], **options: Unpack[DedupeOptions]) -> Iterator[StreamEvent]:
@@ -132,13 +134,14 @@ class AsyncDistillClient:
         """De-duplicate `chunks`; `on_progress` may be a plain function or a coroutine function."""
         if on_progress is None:
             return result_from(await self._post(DEDUPE_PATH, build_body(chunks, **options), stream=False))
-        async for event in self.stream(chunks, **options):
-            if isinstance(event, CompleteEvent):
-                return event.result
-            outcome = on_progress(event)
-            if inspect.isawaitable(outcome):
-                await outcome
-        raise DistillError(STREAM_ENDED)
+        async with contextlib.aclosing(self.stream(chunks, **options)) as events:
+            async for event in events:
+                if isinstance(event, CompleteEvent):
+                    return event.result
+                outcome = on_progress(event)
+                if inspect.isawaitable(outcome):
+                    await outcome
+        raise DistillError(STREAM_ENDED)  # unreachable: stream() raises first
 
     async def stream(self, chunks: Iterable[ChunkLike],
                      **options: Unpack[DedupeOptions]) -> AsyncIterator[StreamEvent]:

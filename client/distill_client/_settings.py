@@ -18,7 +18,7 @@ class AdapterSettings(BaseModel):
     client: DistillClient | AsyncDistillClient | None = Field(default=None, exclude=True)
     base_url: str = DEFAULT_BASE_URL
     api_key: str | None = Field(default=None, repr=False, exclude=True)
-    timeout: float = 300.0
+    timeout: float | None = None  # seconds; None = the client's default
     max_retries: int = DEFAULT_MAX_RETRIES
     threshold: float | None = None
     lambda_: float | None = None

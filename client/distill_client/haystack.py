@@ -32,7 +32,7 @@ class DistillDeduplicator:
 
     def __init__(self, *, client: DistillClient | AsyncDistillClient | None = None,
                  base_url: str = DEFAULT_BASE_URL, api_key: str | None = None,
-                 timeout: float = 300.0, max_retries: int = DEFAULT_MAX_RETRIES,
+                 timeout: float | None = None, max_retries: int = DEFAULT_MAX_RETRIES,
                  threshold: float | None = None, lambda_: float | None = None, target_k: int | None = None,
                  guards: list[str] | None = None, linkage: str | None = None, selection: str | None = None):
         self.base_url, self.timeout, self.max_retries = base_url, timeout, max_retries
