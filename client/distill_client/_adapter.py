@@ -27,7 +27,8 @@ class Clients:
                  timeout: float | httpx.Timeout | None = None, max_retries: int = DEFAULT_MAX_RETRIES):
         self._sync = client if isinstance(client, DistillClient) else None
         self._async = client if isinstance(client, AsyncDistillClient) else None
-        self._own_async, self._async_loop = False, None
+        self._own_async = False
+        self._async_loop: asyncio.AbstractEventLoop | None = None
         if client is not None and self._sync is None and self._async is None:
             raise TypeError(f"client must be a DistillClient or an AsyncDistillClient, not {type(client).__name__}")
         self._settings: dict[str, Any] = client._settings if client is not None else {

@@ -6,14 +6,14 @@ import asyncio
 import contextlib
 import inspect
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Generator, Iterable, Sequence
 from typing import Any, TypedDict, Unpack
 
 import httpx
 
 from ._errors import DistillError
 from ._types import ChunkLike, CompleteEvent, ProgressEvent, Result, StreamEvent
-from ._wire import (DEDUPE_PATH, STREAM_ENDED, STREAM_PATH, SSEDecoder, build_body, error_from,
+from ._wire import (DEDUPE_PATH, STREAM_ENDED, STREAM_PATH, SSEDecoder, accept, build_body, error_from,
                     result_from, retry_wait, transport_error)
 
 DEFAULT_BASE_URL = "http://localhost:8080"
@@ -37,10 +37,7 @@ class DedupeOptions(TypedDict, total=False):
 
 
 def _headers(api_key: str | None) -> dict[str, str]:
-    headers = {"Accept": "application/json"}
-    if api_key:
-        headers["Authorization"] = f"Bearer {api_key}"
-    return headers
+    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
 
 
 class DistillClient:
@@ -70,7 +67,8 @@ class DistillClient:
                 on_progress(event)
         raise DistillError(STREAM_ENDED)  # unreachable: stream() raises first
 
-    def stream(self, chunks: Iterable[ChunkLike], **options: Unpack[DedupeOptions]) -> Iterator[StreamEvent]:
+    def stream(self, chunks: Iterable[ChunkLike],
+               **options: Unpack[DedupeOptions]) -> Generator[StreamEvent, None, None]:
         """Progress events, then one `CompleteEvent`; an `error` event raises DistillError."""
         response = self._post(STREAM_PATH, build_body(chunks, **options), stream=True)
         decoder = SSEDecoder(response.status_code)
@@ -87,9 +85,9 @@ class DistillClient:
             response.close()
         raise DistillError(STREAM_ENDED)
 
-    def _post(self, path: str, body: dict, *, stream: bool) -> httpx.Response:
+    def _post(self, path: str, body: dict[str, Any], *, stream: bool) -> httpx.Response:
         """POST with retries; a 200 response, or DistillError."""
-        request = self._http.build_request("POST", path, json=body)
+        request = self._http.build_request("POST", path, json=body, headers={"Accept": accept(stream)})
         for attempt in range(self.max_retries + 1):
             try:
                 response = self._http.send(request, stream=stream)
@@ -144,7 +142,7 @@ class AsyncDistillClient:
         raise DistillError(STREAM_ENDED)  # unreachable: stream() raises first
 
     async def stream(self, chunks: Iterable[ChunkLike],
-                     **options: Unpack[DedupeOptions]) -> AsyncIterator[StreamEvent]:
+                     **options: Unpack[DedupeOptions]) -> AsyncGenerator[StreamEvent, None]:
         """Progress events, then one `CompleteEvent`; an `error` event raises DistillError."""
         response = await self._post(STREAM_PATH, build_body(chunks, **options), stream=True)
         decoder = SSEDecoder(response.status_code)
@@ -161,8 +159,8 @@ class AsyncDistillClient:
             await response.aclose()
         raise DistillError(STREAM_ENDED)
 
-    async def _post(self, path: str, body: dict, *, stream: bool) -> httpx.Response:
-        request = self._http.build_request("POST", path, json=body)
+    async def _post(self, path: str, body: dict[str, Any], *, stream: bool) -> httpx.Response:
+        request = self._http.build_request("POST", path, json=body, headers={"Accept": accept(stream)})
         for attempt in range(self.max_retries + 1):
             try:
                 response = await self._http.send(request, stream=stream)

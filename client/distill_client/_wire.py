@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 
 from ._errors import DistillError
-from ._types import Chunk, ChunkLike, CompleteEvent, ProgressEvent, parse_progress, parse_result
+from ._types import Chunk, ChunkLike, CompleteEvent, ProgressEvent, Result, parse_progress, parse_result
 
 DEDUPE_PATH = "/v1/dedupe"
 STREAM_PATH = "/v1/dedupe/stream"
@@ -92,7 +92,11 @@ def vector_to_wire(vector: Any) -> Any:
     return list(vector)
 
 
-def result_from(response: httpx.Response):
+def accept(stream: bool) -> str:
+    return "text/event-stream" if stream else "application/json"
+
+
+def result_from(response: httpx.Response) -> Result:
     """The typed answer of a 200 from `/v1/dedupe`."""
     return parse_result(_json_object(response))
 

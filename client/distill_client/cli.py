@@ -83,7 +83,7 @@ class StageBars:
 
     def __init__(self, stream: TextIO):
         self._stream = stream
-        self._bars: dict[str, tqdm] = {}
+        self._bars: dict[str, tqdm[Any]] = {}
 
     def update(self, event: ProgressEvent) -> None:
         bar = self._bars.get(event.stage)
