@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -266,8 +267,10 @@ def test_close_and_context_manager(server):
 
 
 def test_the_wheel_holds_only_the_client(tmp_path):
+    source = tmp_path / "client"  # a clean copy: no build/ left over from an earlier build
+    shutil.copytree(ROOT / "client", source, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
-                    "-w", str(tmp_path), str(ROOT / "client")], check=True, capture_output=True)
+                    "-w", str(tmp_path), str(source)], check=True, capture_output=True)
     (wheel,) = tmp_path.glob("distill_client-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert {n.split("/")[0] for n in names} == {"distill_client", wheel.name.split("-py3")[0] + ".dist-info"}
