@@ -246,6 +246,7 @@ def test_explain_and_cache_prefix_are_sent_and_read():
     result = parse_result(answer)
     assert result.stats.cache_prefix_frozen is True and result.stats.cache_prefix_hash == "0123456789abcdef"
     assert result.stats.suffix_output_count is None and result.stats.guarded_by == {"numbers": 0}
+    assert repr(result.stats).endswith("suffix_input_count=1, guarded_by={'numbers': 0})")  # only what was sent
     assert isinstance(result.explain, Explain) and result.explain.chunks[0].state == "frozen"
     assert result.explain.guarded_pairs[0].guard == "numbers" and result.explain.map == [(0.12, -0.5)]
 

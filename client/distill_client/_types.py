@@ -35,7 +35,7 @@ class ResultChunk:
     cluster_id: int
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class Stats:
     """The `stats` object. The cache fields are None unless the cache prefix was frozen."""
 
@@ -50,6 +50,12 @@ class Stats:
     suffix_input_count: int | None = None
     suffix_output_count: int | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)
+
+    def __repr__(self) -> str:
+        """The fields the server sent, in its order (no row of Nones for features not in use)."""
+        known = {name: getattr(self, name) for name in _STATS_FIELDS}
+        sent = {**{k: v for k, v in known.items() if v is not None}, **self.extra}
+        return "Stats(" + ", ".join(f"{name}={value!r}" for name, value in sent.items()) + ")"
 
     def __getattr__(self, name: str) -> Any:
         """Fields this client does not know yet are attributes too."""
