@@ -4,15 +4,18 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN = $(VENV)/bin
 INSTALLED = $(VENV)/.installed
+# The client's tests also run a LangChain retriever (langchain-classic) and build its wheel.
+CLIENT_TEST = 'langchain-classic>=1,<2' 'setuptools>=68'
 
 .PHONY: install run test test-fuzz test-load bench eval-quality clean
 
 install: $(INSTALLED)
 
-$(INSTALLED): setup.cfg pyproject.toml
+$(INSTALLED): setup.cfg pyproject.toml client/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(BIN)/python -m pip install --quiet -e './client[langchain,llama-index,haystack]' $(CLIENT_TEST)
 	touch $@
 
 run: install
