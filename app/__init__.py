@@ -21,8 +21,10 @@ from .openapi import openapi
 from .auth import check_api_key
 from .config import Config, load_config
 from .errors import register_error_handlers
+from .intake import TICKET, Intake
 from .metrics import init_metrics
 from .offload import CpuPool
+from .parsing import BodyParser
 from .tracing import init_tracing
 
 if TYPE_CHECKING:
@@ -39,13 +41,16 @@ CORS_HEADERS = {
 
 @dataclass
 class Service:
-    """What the routes share: config, the model, the CPU pool, request defaults."""
+    """What the routes share: config, the model, the CPU pool, request defaults,
+    this worker's intake bound and body parser."""
 
     config: Config
     embedder: Embedder
     offload: Offload
     defaults: Defaults
     cache: EmbeddingCache
+    intake: Intake
+    parser: BodyParser
 
     @property
     def heartbeat_s(self) -> float:
@@ -71,6 +76,8 @@ def create_app(
             lambda_=config.lambda_,
         ),
         cache=EmbeddingCache(config.embed_cache_size),
+        intake=Intake(config.max_inflight_bytes),
+        parser=BodyParser(config),
     )
     register_error_handlers(app)
     init_metrics(app)  # first, so its timer also sees requests refused by auth
@@ -93,6 +100,18 @@ def _register_cors_and_auth(app: Flask, config: Config) -> None:
     @app.after_request
     def allow_any_origin(response: Response) -> Response:
         response.headers["Access-Control-Allow-Origin"] = "*"
+        return response
+
+    @app.after_request
+    def release_intake(response: Response) -> Response:
+        """A request's body bytes count against its worker until the response is sent
+        (a stream: until it ends or the client leaves)."""
+        ticket = request.environ.get(TICKET)
+        if ticket is not None:
+            if response.is_streamed:
+                response.call_on_close(ticket.release)
+            else:
+                ticket.release()
         return response
 
 

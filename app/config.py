@@ -31,6 +31,7 @@ class Config:
     embed_cache_size: int = 0  # off: see README (each entry ~1.5 KB of vector plus its text)
     max_chunks: int = 10_000
     max_body_bytes: int = 64 * MIB
+    max_inflight_bytes: int = 512 * MIB  # per worker: bodies taken in and not yet answered
     sse_heartbeat_s: float = 10.0
 
 
@@ -57,6 +58,9 @@ def load_config(env: Mapping[str, str] | None = None) -> Config:
         embed_cache_size=read("DISTILL_EMBED_CACHE_SIZE", _count, defaults.embed_cache_size),
         max_chunks=read("DISTILL_MAX_CHUNKS", _positive_int, defaults.max_chunks),
         max_body_bytes=read("DISTILL_MAX_BODY_BYTES", _positive_int, defaults.max_body_bytes),
+        max_inflight_bytes=read(
+            "DISTILL_MAX_INFLIGHT_BYTES", _positive_int, defaults.max_inflight_bytes
+        ),
         sse_heartbeat_s=read(
             "DISTILL_SSE_HEARTBEAT_S", _bounded(0, 3600, open_low=True), defaults.sse_heartbeat_s
         ),

@@ -10,3 +10,5 @@ try:  # load the model now, in this worker, so its first request does not wait f
     application.extensions["distill"].embedder.dim()
 except ModelUnavailable:
     pass  # already logged; requests that need the model get a 503
+
+application.extensions["distill"].parser.start()  # the helper for big bodies, ready before they come

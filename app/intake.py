@@ -1,0 +1,114 @@
+"""Taking request bodies in: the per-request size limit and the per-worker bound.
+
+Every body is read here in pieces, however it arrives (with a Content-Length
+or chunked), under two limits:
+
+* `DISTILL_MAX_BODY_BYTES` per request. A Content-Length over it is refused
+  before reading; a chunked body is refused as soon as it passes it. Either
+  way it is a 413 and nothing is parsed: a body cut at the limit never
+  reaches the JSON parser.
+* `DISTILL_MAX_INFLIGHT_BYTES` per worker: the bodies of the requests it has
+  taken in and not yet answered (being read, parsed, queued for the CPU pool
+  or running). A request that would go past it gets a 503 with `Retry-After`
+  before the rest of its body is read, so a flood of big bodies cannot grow a
+  worker's memory without bound. A body is held against the bound until its
+  response is sent, so the bound also caps the CPU work a worker has queued.
+  A request bigger than the whole bound is taken only when the worker holds
+  nothing else, so every size under the body limit is served eventually.
+"""
+
+from __future__ import annotations
+
+import gevent
+from werkzeug.exceptions import RequestEntityTooLarge
+
+from .validate import ApiError
+
+TICKET = "distill.ticket"  # the request's `Ticket` in its WSGI environ
+PIECE_BYTES = 1 << 20  # one read; the loop serves others between pieces
+RETRY_AFTER_S = 2
+
+
+class Unavailable(ApiError):
+    """A 503 the client should retry: carries `Retry-After`."""
+
+    def __init__(self, message: str, retry_after_s: int = RETRY_AFTER_S):
+        super().__init__(503, message)
+        self.retry_after_s = retry_after_s
+
+
+class Intake:
+    """One worker's count of body bytes taken in and not yet answered."""
+
+    def __init__(self, max_inflight_bytes: int):
+        self.max_inflight_bytes = max_inflight_bytes
+        self.inflight_bytes = 0
+
+    def has_room(self) -> bool:
+        return self.inflight_bytes < self.max_inflight_bytes
+
+    def ticket(self, environ: dict) -> "Ticket":
+        """A new request's ticket, kept in its environ (the app releases it when answered)."""
+        environ[TICKET] = ticket = Ticket(self)
+        return ticket
+
+
+class Ticket:
+    """The bytes one request holds against its worker's bound, until `release()`."""
+
+    def __init__(self, intake: Intake):
+        self.intake = intake
+        self.held = 0
+
+    def take(self, nbytes: int) -> None:
+        """Hold `nbytes` more, or refuse with a 503 when the bound would be passed."""
+        others = self.intake.inflight_bytes - self.held
+        if others and self.intake.inflight_bytes + nbytes > self.intake.max_inflight_bytes:
+            raise Unavailable("server busy: too many request bytes in progress; retry later")
+        self.held += nbytes
+        self.intake.inflight_bytes += nbytes
+
+    def release(self) -> None:
+        self.intake.inflight_bytes -= self.held
+        self.held = 0
+
+
+def read_body(environ: dict, max_body_bytes: int, ticket: Ticket) -> bytearray:
+    """The whole body, read in pieces; a 413 past `max_body_bytes`, a 503 past the worker's bound."""
+    length = _content_length(environ)
+    if length is not None and length > max_body_bytes:
+        raise RequestEntityTooLarge()
+    if length is None and not environ.get("wsgi.input_terminated"):
+        return bytearray()  # no length and a server that cannot end the stream: read nothing
+    if length is not None:
+        ticket.take(length)
+    stream = environ["wsgi.input"]
+    body = bytearray()
+    while length is None or len(body) < length:
+        want = PIECE_BYTES if length is None else min(PIECE_BYTES, length - len(body))
+        piece = _read_piece(stream, want)
+        if not piece:
+            break
+        if len(body) + len(piece) > max_body_bytes:
+            raise RequestEntityTooLarge()
+        if length is None:
+            ticket.take(len(piece))
+        body += piece
+        gevent.sleep(0)  # let the loop serve others between pieces
+    if length is not None and len(body) < length:
+        raise ApiError(400, f"request body ended after {len(body)} of {length} bytes")
+    return body
+
+
+def _content_length(environ: dict) -> int | None:
+    if "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower():
+        return None
+    raw = environ.get("CONTENT_LENGTH", "").strip()
+    return int(raw) if raw.isdigit() else None
+
+
+def _read_piece(stream, size: int) -> bytes:
+    try:
+        return stream.read(size)
+    except Exception as exc:  # the server's reader: a broken chunked encoding, a dropped client
+        raise ApiError(400, f"request body could not be read: {exc.__class__.__name__}") from None
