@@ -7,6 +7,7 @@ given); the embedding model loads lazily, once per process, on first use.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING
 
 from flask import Flask, Response, request
@@ -21,7 +22,7 @@ from .openapi import openapi
 from .auth import check_api_key
 from .config import Config, load_config
 from .errors import register_error_handlers
-from .intake import TICKET, Intake
+from .intake import BODY_READ, TICKET, Intake, discard_rest
 from .metrics import init_metrics
 from .offload import CpuPool
 from .parsing import BodyParser
@@ -103,15 +104,19 @@ def _register_cors_and_auth(app: Flask, config: Config) -> None:
         return response
 
     @app.after_request
-    def release_intake(response: Response) -> Response:
+    def finish_intake(response: Response) -> Response:
         """A request's body bytes count against its worker until the response is sent
-        (a stream: until it ends or the client leaves)."""
-        ticket = request.environ.get(TICKET)
+        (a stream: until it ends or the client leaves); a body not read (refused,
+        or sent where none is read) is dropped after the response."""
+        environ = request.environ
+        ticket = environ.get(TICKET)
         if ticket is not None:
             if response.is_streamed:
                 response.call_on_close(ticket.release)
             else:
                 ticket.release()
+        if not environ.get(BODY_READ):
+            response.call_on_close(partial(discard_rest, environ, config.max_body_bytes))
         return response
 
 

@@ -19,12 +19,15 @@ or chunked), under two limits:
 
 from __future__ import annotations
 
+import socket
+
 import gevent
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from .validate import ApiError
 
 TICKET = "distill.ticket"  # the request's `Ticket` in its WSGI environ
+BODY_READ = "distill.body_read"  # set once the whole body has been read
 PIECE_BYTES = 1 << 20  # one read; the loop serves others between pieces
 RETRY_AFTER_S = 2
 
@@ -97,7 +100,39 @@ def read_body(environ: dict, max_body_bytes: int, ticket: Ticket) -> bytearray:
         gevent.sleep(0)  # let the loop serve others between pieces
     if length is not None and len(body) < length:
         raise ApiError(400, f"request body ended after {len(body)} of {length} bytes")
+    environ[BODY_READ] = True
     return body
+
+
+def discard_rest(environ: dict, budget: int) -> None:
+    """After the response: read and drop what is left of a body that was refused
+    (or never looked at), so the client, still sending, sees its answer.
+
+    In pieces, with the loop serving others in between: the server's own
+    drain reads 1 KiB at a time and copies its buffer on every read, which
+    holds the loop for seconds on a 35 MB body. Past `budget` bytes the
+    connection is shut instead.
+    """
+    if environ.get(BODY_READ):
+        return
+    stream = environ["wsgi.input"]
+    try:
+        while piece := stream.read(PIECE_BYTES):
+            budget -= len(piece)
+            if budget < 0:
+                _shut(environ.get("gunicorn.socket"))
+                return
+            gevent.sleep(0)
+    except Exception:  # the client left, or its chunked encoding broke: nothing to keep
+        _shut(environ.get("gunicorn.socket"))
+
+
+def _shut(sock) -> None:
+    if sock is not None:
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
 
 
 def _content_length(environ: dict) -> int | None:
