@@ -119,7 +119,8 @@ class _Helper:
                 raise ApiError(reply[1], reply[2])
             _, fields_, rows, shape, seconds = reply
             matrix = np.empty(shape, dtype=np.float32)
-            _receive_into(self.sock, memoryview(matrix).cast("B"))
+            if matrix.size:
+                _receive_into(self.sock, memoryview(matrix).cast("B"))
         except (OSError, EOFError, pickle.UnpicklingError) as exc:
             log.error("body parser process failed (%s); starting a new one", exc)
             self.close()
@@ -206,7 +207,8 @@ def serve(fd: int) -> None:
         del body
         others, rows, matrix = _split(dedupe_request)
         _send(sock, pickle.dumps(("ok", others, rows, matrix.shape, seconds), protocol=5))
-        sock.sendall(memoryview(np.ascontiguousarray(matrix)).cast("B"))
+        if matrix.size:
+            sock.sendall(memoryview(np.ascontiguousarray(matrix)).cast("B"))
 
 
 def main(fd: int) -> None:

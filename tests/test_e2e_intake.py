@@ -148,7 +148,7 @@ def test_past_the_bound_requests_get_503_with_retry_after_before_their_body_is_r
         assert "error" in json.loads(response.read())
         refused.close()
 
-        # Chunked: refused at its first piece read (1 MiB), the rest never sent.
+        # Chunked: refused at its first piece read (PIECE_BYTES), the rest never sent.
         piece = padded_body(PIECE_BYTES + 1)
         first = f"{len(piece):x}\r\n".encode() + piece + b"\r\n"
         chunked = raw_request(bounded, path, {"Transfer-Encoding": "chunked"}, first)
