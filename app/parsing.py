@@ -40,9 +40,6 @@ from .validate import ApiError, parse_request
 log = logging.getLogger(__name__)
 
 INLINE_MAX_BYTES = 1 << 20  # parsed and validated in ~5 ms on the loop
-# Parsing is throughput work: when the cores are short, the workers' event loops
-# (/health, heartbeats) and their CPU pools come first.
-HELPER_NICENESS = 10
 _ROOT = Path(__file__).resolve().parent.parent
 _HEADER = struct.Struct("!Q")
 _SOCKET_BUFFER = 4 << 20
@@ -214,5 +211,4 @@ def serve(fd: int) -> None:
 def main(fd: int) -> None:
     """The helper process's entry point (its log lines go to the worker's stderr)."""
     logging.basicConfig(level=logging.INFO, format="distill body parser: %(message)s")
-    os.nice(HELPER_NICENESS)
     serve(fd)
