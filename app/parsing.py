@@ -122,6 +122,9 @@ class _Helper:
             log.error("body parser process failed (%s); starting a new one", exc)
             self.close()
             raise Unavailable("request body parser restarting; retry later") from None
+        except BaseException:  # interrupted mid-exchange (the greenlet killed): out of step
+            self.close()
+            raise
         return _rebuild(fields_, rows, matrix), seconds
 
     def close(self) -> None:
