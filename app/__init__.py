@@ -84,6 +84,7 @@ def create_app(
     init_metrics(app)  # first, so its timer also sees requests refused by auth
     init_tracing(app, tracer_provider)  # off unless OTEL_* (or a test's provider) asks
     _register_cors_and_auth(app, config)
+    _register_intake(app, config)
     app.register_blueprint(api)
     app.register_blueprint(openapi)
     return app
@@ -103,6 +104,8 @@ def _register_cors_and_auth(app: Flask, config: Config) -> None:
         response.headers["Access-Control-Allow-Origin"] = "*"
         return response
 
+
+def _register_intake(app: Flask, config: Config) -> None:
     @app.after_request
     def finish_intake(response: Response) -> Response:
         """A request's body bytes count against its worker until the response is sent
