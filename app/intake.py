@@ -32,6 +32,7 @@ BODY_READ = "distill.body_read"  # set once the whole body has been read
 # once, /health waits for one piece of each, a few times over.
 PIECE_BYTES = 256 * 1024
 RETRY_AFTER_S = 2
+DISCARD_IDLE_S = 10
 
 
 class Unavailable(ApiError):
@@ -114,21 +115,25 @@ def discard_rest(environ: dict, budget: int) -> None:
 
     In pieces, with the loop serving others in between: the server's own
     drain reads 1 KiB at a time and copies its buffer on every read, which
-    holds the loop for seconds on a 35 MB body. Past `budget` bytes the
-    connection is shut instead.
+    holds the loop for seconds on a 35 MB body. Past `budget` bytes, or when
+    the client sends nothing for `DISCARD_IDLE_S`, the connection is shut.
     """
     if environ.get(BODY_READ):
         return
     stream = environ["wsgi.input"]
     try:
-        while piece := stream.read(PIECE_BYTES):
+        while True:
+            with gevent.Timeout(DISCARD_IDLE_S):  # a client that stops sending is let go
+                piece = stream.read(PIECE_BYTES)
+            if not piece:
+                return
             budget -= len(piece)
             if budget < 0:
-                _shut(environ.get("gunicorn.socket"))
-                return
+                break
             gevent.sleep(0)
-    except Exception:  # the client left, or its chunked encoding broke: nothing to keep
-        _shut(environ.get("gunicorn.socket"))
+    except (Exception, gevent.Timeout):  # the client left or stalled, or its chunking broke
+        pass
+    _shut(environ.get("gunicorn.socket"))
 
 
 def _shut(sock) -> None:

@@ -156,6 +156,10 @@ def test_past_the_bound_requests_get_503_with_retry_after_before_their_body_is_r
         assert response.status == 503 and response.getheader("Retry-After")
         chunked.close()
 
+        # A client that sends its whole body before it reads (as most do) sees the 503 too.
+        status, raw = send(bounded, path, padded_body(3 * PIECE_BYTES), chunked=False)
+        assert status == 503 and "error" in json.loads(raw)
+
         holder.sendall(body[10:])  # the request held all along is served in full
         response = response_on(holder)
         assert response.status == 200
@@ -165,7 +169,7 @@ def test_past_the_bound_requests_get_503_with_retry_after_before_their_body_is_r
     assert bounded.get("/ready")[0] == 200  # its bytes are released once it is answered
     assert send(bounded, path, padded_body(5000), chunked=False)[0] == 200
     after = bounded.metrics()
-    assert delta(before, after, "distill_requests_total", endpoint=path, status="503") == 2
+    assert delta(before, after, "distill_requests_total", endpoint=path, status="503") == 3
     assert delta(before, after, "distill_requests_total", endpoint="/ready", status="503") >= 1
 
 
