@@ -7,6 +7,7 @@ given); the embedding model loads lazily, once per process, on first use.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING
 
 from flask import Flask, Response, request
@@ -21,8 +22,10 @@ from .page import page
 from .auth import check_api_key
 from .config import MIB, Config, load_config, request_defaults
 from .errors import register_error_handlers
+from .intake import BODY_READ, TICKET, Intake, discard_rest
 from .metrics import init_metrics
 from .offload import CpuPool
+from .parsing import BodyParser
 from .tracing import init_tracing
 
 if TYPE_CHECKING:
@@ -39,13 +42,16 @@ CORS_HEADERS = {
 
 @dataclass
 class Service:
-    """What the routes share: config, the model, the CPU pool, request defaults."""
+    """What the routes share: config, the model, the CPU pool, request defaults,
+    this worker's intake bound and body parser."""
 
     config: Config
     embedder: Embedder
     offload: Offload
     defaults: Defaults
     cache: EmbeddingCache
+    intake: Intake
+    parser: BodyParser
 
     @property
     def heartbeat_s(self) -> float:
@@ -67,11 +73,14 @@ def create_app(
         offload=CpuPool(),
         defaults=request_defaults(config),
         cache=EmbeddingCache(config.embed_cache_mb * MIB),
+        intake=Intake(config.max_inflight_bytes),
+        parser=BodyParser(config),
     )
     register_error_handlers(app)
     init_metrics(app)  # first, so its timer also sees requests refused by auth
     init_tracing(app, tracer_provider)  # off unless OTEL_* (or a test's provider) asks
     _register_cors_and_auth(app, config)
+    _register_intake(app, config)
     app.register_blueprint(api)
     app.register_blueprint(openapi)
     app.register_blueprint(page)
@@ -90,6 +99,24 @@ def _register_cors_and_auth(app: Flask, config: Config) -> None:
     @app.after_request
     def allow_any_origin(response: Response) -> Response:
         response.headers["Access-Control-Allow-Origin"] = "*"
+        return response
+
+
+def _register_intake(app: Flask, config: Config) -> None:
+    @app.after_request
+    def finish_intake(response: Response) -> Response:
+        """A request's body bytes count against its worker until the response is sent
+        (a stream: until it ends or the client leaves); a body not read (refused,
+        or sent where none is read) is dropped after the response."""
+        environ = request.environ
+        ticket = environ.get(TICKET)
+        if ticket is not None:
+            if response.is_streamed:
+                response.call_on_close(ticket.release)
+            else:
+                ticket.release()
+        if not environ.get(BODY_READ):
+            response.call_on_close(partial(discard_rest, environ, config.max_body_bytes))
         return response
 
 

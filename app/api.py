@@ -12,11 +12,12 @@ from pipeline.types import DedupeRequest, StageError
 
 from . import jsonio
 from .metrics import StreamTracker, observe
+from .intake import Unavailable, read_body
 from .page import ENDPOINTS as PAGE_ENDPOINTS
 from .page import page_response, wants_page
-from .streaming import sse_frames
+from .streaming import draining, sse_frames
 from .tracing import traced
-from .validate import ApiError, check_against_model, parse_request
+from .validate import ApiError, check_against_model
 
 api = Blueprint("api", __name__)
 
@@ -29,6 +30,7 @@ ENDPOINTS = {
     "POST /v1/dedupe": "de-duplicate chunks; one JSON response",
     "POST /v1/dedupe/stream": "de-duplicate chunks; Server-Sent Events of per-stage progress",
     "GET /health": "liveness",
+    "GET /ready": "readiness: 503 while the worker is at its in-flight bound or draining",
     "GET /metrics": "Prometheus metrics",
     "GET /": "this index (a browser gets the page, as at /playground)",
     "GET /openapi.json": "this API's OpenAPI 3.1 document",
@@ -56,6 +58,16 @@ def index() -> Response:
 @api.get("/health")
 def health() -> Response:
     return json_response({"status": "ok"})
+
+
+@api.get("/ready")
+def ready() -> Response:
+    """For load balancers: this worker takes work (503 at its intake bound or while draining)."""
+    if draining.started:
+        raise Unavailable("not ready: shutting down")
+    if not current_app.extensions["distill"].intake.has_room():
+        raise Unavailable("not ready: at its bound of request bytes in progress")
+    return json_response({"status": "ready"})
 
 
 @api.post("/v1/dedupe")
@@ -87,14 +99,14 @@ def dedupe_stream() -> Response:
 
 
 def _read_request() -> tuple[float, DedupeRequest]:
-    """Parse and validate the body (a 4xx on any problem); note when parsing ended."""
+    """Take the body in, parse and validate it (a 4xx, or a 503 past the worker's bound);
+    note when parsing ended."""
     service = current_app.extensions["distill"]
-    try:
-        body = jsonio.loads(request.get_data(cache=False))
-    except jsonio.JSONError as exc:
-        raise ApiError(400, f"invalid JSON: {exc}") from None
-    started = time.perf_counter()
-    dedupe_request = parse_request(body, service.config)
+    ticket = service.intake.ticket(request.environ)
+    body = read_body(request.environ, service.config.max_body_bytes, ticket)
+    dedupe_request, validation_s = service.parser(body)
+    del body
+    started = time.perf_counter() - validation_s
     service.offload(check_against_model, dedupe_request, service.embedder, service.cache, service.config)
     return started, dedupe_request
 

@@ -34,6 +34,7 @@ class Config:
     max_chunks: int = 10_000
     max_tokens: int = 1_000_000  # tokens to embed per request: ~4 MB of text, ~1 min of model time
     max_body_bytes: int = 64 * MIB
+    max_inflight_bytes: int = 512 * MIB  # per worker: bodies taken in and not yet answered
     sse_heartbeat_s: float = 10.0
 
 
@@ -61,6 +62,9 @@ def load_config(env: Mapping[str, str] | None = None) -> Config:
         max_chunks=read("DISTILL_MAX_CHUNKS", _positive_int, defaults.max_chunks),
         max_tokens=read("DISTILL_MAX_TOKENS", _positive_int, defaults.max_tokens),
         max_body_bytes=read("DISTILL_MAX_BODY_BYTES", _positive_int, defaults.max_body_bytes),
+        max_inflight_bytes=read(
+            "DISTILL_MAX_INFLIGHT_BYTES", _positive_int, defaults.max_inflight_bytes
+        ),
         sse_heartbeat_s=read(
             "DISTILL_SSE_HEARTBEAT_S", _bounded(0, 3600, open_low=True), defaults.sse_heartbeat_s
         ),

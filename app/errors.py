@@ -8,6 +8,7 @@ from flask import Flask, Response
 from werkzeug.exceptions import HTTPException
 
 from . import jsonio
+from .intake import Unavailable
 from .validate import ApiError
 
 log = logging.getLogger(__name__)
@@ -26,7 +27,10 @@ def error_response(status: int, message: str) -> Response:
 def register_error_handlers(app: Flask) -> None:
     @app.errorhandler(ApiError)
     def api_error(exc: ApiError) -> Response:
-        return error_response(exc.status, exc.message)
+        response = error_response(exc.status, exc.message)
+        if isinstance(exc, Unavailable):
+            response.headers["Retry-After"] = str(exc.retry_after_s)
+        return response
 
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException) -> Response:

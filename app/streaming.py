@@ -89,6 +89,10 @@ class Draining:
     def start(self, seconds: float) -> None:
         self.deadline = time.monotonic() + seconds
 
+    @property
+    def started(self) -> bool:
+        return self.deadline is not None
+
     def seconds_left(self) -> float | None:
         return None if self.deadline is None else self.deadline - time.monotonic()
 

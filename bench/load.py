@@ -3,8 +3,9 @@
 Bounded in count and time, 127.0.0.1 only. Every stream must end with exactly
 one terminal event whose result equals `/v1/dedupe` for the same body; some
 clients read slowly, and must not hold up the others. Then SIGTERM arrives
-while a second wave of streams runs: none may be cut mid-frame. Exits
-non-zero if anything was lost, wrong or cut.
+while a second wave of streams runs: none may be cut mid-frame. Then a flood
+(see `bench/flood.py`): 40 bodies of 35 MB at once. Exits non-zero if
+anything was lost, wrong or cut, or the flood missed a bound.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from tests.support import Server, SSEParser, synthetic_texts
 
+from . import flood
 from .common import peak_rss_mb, worker_pids
 
 STREAMS = 60
@@ -124,7 +126,7 @@ def main() -> int:
           f"server exit code {exit_code}")
     failed = sum(s[k] for k in ("lost", "refused", "incorrect", "error"))
     failed += p["lost"] + p["incorrect"] + t["incorrect"] + t["lost"]
-    return 1 if failed else 0
+    return 1 if failed or flood.main([]) else 0
 
 
 if __name__ == "__main__":
