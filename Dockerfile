@@ -16,20 +16,22 @@ RUN python3 -c "import configparser; c = configparser.ConfigParser(); c.read('/s
 
 # Stage 2: the service. One layer of dependencies, one of code.
 FROM ${BASE}
-RUN useradd --system --no-log-init --no-create-home --uid 10001 --user-group distill
+RUN useradd --no-log-init --no-create-home --uid 10001 --user-group --shell /usr/sbin/nologin distill
 COPY --from=deps /opt/distill /opt/distill
 WORKDIR /srv/distill
 COPY . ./
 
+# ORT_DISABLE_TELEMETRY: onnxruntime's usage telemetry off; the service makes no outbound connection.
 ENV PATH=/opt/distill/bin:$PATH \
     PYTHONPATH=/srv/distill \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
+    ORT_DISABLE_TELEMETRY=1 \
     PORT=8080
 USER 10001:10001
 
-# The model's SHA-256 is checked and one request is embedded and answered, with
-# no network: an image that cannot serve fails here, not in production.
+# The model's SHA-256 is checked and one request is embedded and answered (from
+# local files only): an image that cannot serve fails here, not in production.
 RUN python deploy/selfcheck.py
 
 EXPOSE 8080

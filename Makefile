@@ -48,7 +48,11 @@ DEPLOY_IMAGE = localhost/distill:test
 test-deploy: export CONTAINERS_CONF = $(CURDIR)/deploy/podman/containers.conf
 test-deploy: install
 	BASE_IMAGE=$(DEPLOY_BASE) deploy/podman/setup.sh
-	podman build --quiet --format docker --build-arg BASE=$(DEPLOY_BASE) --tag $(DEPLOY_IMAGE) .
+	@started=$$(date +%s); \
+	podman build --quiet --format docker --build-arg BASE=$(DEPLOY_BASE) --tag $(DEPLOY_IMAGE) . >/dev/null && \
+	echo "image $(DEPLOY_IMAGE) built in $$(( $$(date +%s) - started )) s:" \
+		"$$(podman image inspect --format '{{.Size}}' $(DEPLOY_IMAGE) | awk '{printf "%.0f MB", $$1 / 1e6}')," \
+		"base $$(podman image inspect --format '{{.Size}}' $(DEPLOY_BASE) | awk '{printf "%.0f MB", $$1 / 1e6}')"
 	DISTILL_IMAGE=$(DEPLOY_IMAGE) $(BIN)/python -m pytest -q -s tests/deploy_replicas.py
 
 clean:

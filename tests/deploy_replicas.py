@@ -201,7 +201,8 @@ def balancer(replicas):
 @dataclass
 class StreamOutcome:
     status: int
-    ending: str  # "complete", "error" or "cut" (ended without either)
+    ending: str  # "complete", "error", "cut" (ended without either) or "refused" (not 200)
+    seconds: float = 0.0
 
 
 def stream_through(port: int, texts: list[str]) -> StreamOutcome:
@@ -287,7 +288,10 @@ class StreamLoad:
     def _stream(self, client: int) -> None:
         n = 0
         while not self.stopping.is_set():
-            self.outcomes.append(stream_through(self.port, long_texts(self.texts, seed=client * 10_000 + n)))
+            started = time.monotonic()
+            outcome = stream_through(self.port, long_texts(self.texts, seed=client * 10_000 + n))
+            outcome.seconds = time.monotonic() - started
+            self.outcomes.append(outcome)
             n += 1
 
     def _plain(self) -> None:
@@ -332,6 +336,7 @@ def test_rolling_restart_with_streams_in_flight_cuts_none(replicas, balancer):
             figures.append((replica.index, in_flight, drained_s, ready_s, exit_code))
     endings = Counter(o.ending for o in load.outcomes)
     plain = Counter(load.plain)
+    seconds = sorted(o.seconds for o in load.outcomes)
 
     print(f"\ndeploy: rolling restart of {REPLICAS} replicas took {time.monotonic() - started:.1f} s")
     for index, in_flight, drained_s, ready_s, exit_code in figures:
@@ -343,6 +348,7 @@ def test_rolling_restart_with_streams_in_flight_cuts_none(replicas, balancer):
         f"deploy: streams {dict(endings)}, plain requests {dict(plain)}, "
         f"sent on to another replica by nginx: {balancer.retried() - retried_before}"
     )
+    print(f"deploy: a stream lasted {seconds[len(seconds) // 2]:.1f} s (median), {seconds[-1]:.1f} s (longest)")
     assert endings["cut"] == 0 and endings["refused"] == 0, endings
     assert endings["error"] == 0, endings  # every stream here is far shorter than the 60 s drain
     assert endings["complete"] >= 3 * len(replicas)

@@ -18,6 +18,7 @@ if ((${#missing[@]})); then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq -o DPkg::Lock::Timeout=600 "${missing[@]}" >/dev/null
 fi
 
+started=$(date +%s)
 if podman image exists "$BASE_IMAGE"; then
     echo "base image $BASE_IMAGE present"
     exit 0
@@ -29,10 +30,10 @@ debootstrap --variant=minbase --include=python3,python3-venv,python3-pip,ca-cert
     bookworm "$rootfs" "$MIRROR" >/dev/null
 if compgen -G "/usr/local/share/ca-certificates/*.crt" >/dev/null; then
     cp /usr/local/share/ca-certificates/*.crt "$rootfs/usr/local/share/ca-certificates/"
-    chroot "$rootfs" update-ca-certificates >/dev/null
+    chroot "$rootfs" update-ca-certificates >/dev/null 2>&1
 fi
 printf '[global]\ncert = /etc/ssl/certs/ca-certificates.crt\n' >"$rootfs/etc/pip.conf"
 chroot "$rootfs" apt-get clean
 rm -rf "$rootfs"/var/lib/apt/lists/* "$rootfs"/var/cache/apt/*.bin
 tar -C "$rootfs" -c . | podman import -q --change 'CMD ["python3"]' - "$BASE_IMAGE" >/dev/null
-echo "base image $BASE_IMAGE made"
+echo "base image $BASE_IMAGE made in $(($(date +%s) - started)) s"
