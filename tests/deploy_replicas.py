@@ -372,6 +372,57 @@ def test_killed_replica_new_requests_succeed_through_the_others(replicas, balanc
     dead.wait_ready()
 
 
+def worker_pids(replica: Replica) -> tuple[int, list[int]]:
+    """The replica's gunicorn master and workers, as host process ids."""
+    master = int(podman("inspect", "--format", "{{.State.Pid}}", replica.name).stdout)
+    return master, [int(p) for p in Path(f"/proc/{master}/task/{master}/children").read_text().split()]
+
+
+def rss_mb(pid: int, field_: str) -> float:
+    """VmRSS (now) or VmHWM (peak since the last reset) of a process, in MB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field_ + ":"):
+            return int(line.split()[1]) * 1024 / 1e6
+    raise AssertionError(field_)
+
+
+def test_worker_memory_fits_the_manifest(replicas):
+    """Each worker's peak RSS, up to the worst request the default limits allow, fits its
+    share of the Deployment's memory limit (what the README's memory figures come from)."""
+    import base64
+
+    import numpy as np
+    import yaml
+
+    replica = replicas[1]
+    master, (worker,) = worker_pids(replica)
+    rng = np.random.default_rng(0)
+    wide = rng.standard_normal((2100, 1536)).astype(np.float32)
+    narrow = rng.standard_normal((10_000, 384)).astype(np.float32)
+    cases = {
+        "100 texts of 1,500 chars": [{"id": str(i), "text": t} for i, t in enumerate(long_texts(100, seed=7))],
+        "2,100 x 1,536 decimals (63 MiB)": [
+            {"id": str(i), "text": "t", "embedding": row.tolist()} for i, row in enumerate(wide)],
+        "10,000 x 384 base64": [
+            {"id": str(i), "text": "t", "embedding": base64.b64encode(row.tobytes()).decode()}
+            for i, row in enumerate(narrow)],
+    }
+    print(f"\ndeploy: worker RSS idle {rss_mb(worker, 'VmRSS'):.0f} MB, master {rss_mb(master, 'VmRSS'):.0f} MB")
+    peaks = []
+    for name, chunks in cases.items():
+        Path(f"/proc/{worker}/clear_refs").write_text("5")  # peak := current RSS
+        status, _ = http_request(replica.port, "POST", "/v1/dedupe", {"chunks": chunks}, timeout=300)
+        assert status == 200, name
+        peaks.append(rss_mb(worker, "VmHWM"))
+        print(f"deploy: worker peak RSS {peaks[-1]:.0f} MB after {name}")
+
+    deployment = yaml.safe_load((ROOT / "deploy" / "kubernetes" / "deployment.yaml").read_text())
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    workers = int({e["name"]: e["value"] for e in container["env"]}["WEB_CONCURRENCY"])
+    limit_mb = int(container["resources"]["limits"]["memory"].removesuffix("Gi")) * 2**30 / 1e6
+    assert workers * max(peaks) + rss_mb(master, "VmRSS") <= limit_mb
+
+
 def test_image_serves_with_no_network():
     """`--network none`: the self-check embeds, and the server answers from inside the container."""
     check = podman("run", "--rm", "--network", "none", "--read-only", IMAGE, "python", "deploy/selfcheck.py")
