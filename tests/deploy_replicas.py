@@ -205,13 +205,31 @@ class StreamOutcome:
     seconds: float = 0.0
 
 
+SHED = Counter()  # 503 + Retry-After answers (every replica over its admission bound), retried
+
+
+def post_honouring_retry_after(port: int, path: str, body: dict):
+    """POST as a well-behaved client: a 503 with Retry-After is waited out and resent (5 tries)."""
+    for _ in range(5):
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=150)
+        conn.request("POST", path, json.dumps(body), {"Content-Type": "application/json"})
+        response = conn.getresponse()
+        retry_after = response.getheader("Retry-After")
+        if response.status != 503 or retry_after is None:
+            return conn, response
+        response.read()
+        conn.close()
+        SHED[path] += 1
+        time.sleep(min(float(retry_after), 2.0))
+    return conn, response
+
+
 def stream_through(port: int, texts: list[str]) -> StreamOutcome:
     """POST a stream through the balancer and read it to its end."""
     body = {"chunks": [{"id": str(i), "text": t} for i, t in enumerate(texts)]}
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=150)
+    conn = None
     try:
-        conn.request("POST", "/v1/dedupe/stream", json.dumps(body), {"Content-Type": "application/json"})
-        response = conn.getresponse()
+        conn, response = post_honouring_retry_after(port, "/v1/dedupe/stream", body)
         if response.status != 200:
             response.read()
             return StreamOutcome(response.status, "refused")
@@ -226,15 +244,20 @@ def stream_through(port: int, texts: list[str]) -> StreamOutcome:
     except OSError:
         return StreamOutcome(0, "cut")
     finally:
-        conn.close()
+        if conn is not None:
+            conn.close()
 
 
 def plain_through(port: int, texts: list[str]) -> int:
+    """The status of a plain request through the balancer (-1: 200 with a wrong answer)."""
     body = {"chunks": [{"id": str(i), "text": t} for i, t in enumerate(texts)]}
     try:
-        status, raw = http_request(port, "POST", "/v1/dedupe", body)
+        conn, response = post_honouring_retry_after(port, "/v1/dedupe", body)
+        raw = response.read()
+        conn.close()
     except OSError:
         return 0
+    status = response.status
     return status if status != 200 or json.loads(raw)["stats"]["input_count"] == len(texts) else -1
 
 
@@ -348,6 +371,7 @@ def test_rolling_restart_with_streams_in_flight_cuts_none(replicas, balancer):
         f"deploy: streams {dict(endings)}, plain requests {dict(plain)}, "
         f"sent on to another replica by nginx: {balancer.retried() - retried_before}"
     )
+    print(f"deploy: answered 503 + Retry-After and resent: {dict(SHED) or 0}")
     print(f"deploy: a stream lasted {seconds[len(seconds) // 2]:.1f} s (median), {seconds[-1]:.1f} s (longest)")
     assert endings["cut"] == 0 and endings["refused"] == 0, endings
     assert endings["error"] == 0, endings  # every stream here is far shorter than the 60 s drain
