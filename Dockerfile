@@ -39,6 +39,7 @@ EXPOSE 8080
 HEALTHCHECK --interval=15s --timeout=5s --start-period=60s --retries=3 \
     CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/health' % os.environ.get('PORT', '8080'), timeout=4)"]
 # gunicorn drains on SIGTERM: open streams finish, or end with an `error` event,
-# within its graceful timeout (60 s); give the container that long to stop.
+# within its graceful timeout (60 s); give the container that long to stop
+# (`docker run --stop-timeout 65`, Kubernetes' terminationGracePeriodSeconds).
 STOPSIGNAL SIGTERM
 CMD ["gunicorn", "-c", "gunicorn.conf.py"]
