@@ -431,7 +431,10 @@ def test_worker_memory_fits_the_manifest(replicas):
             {"id": str(i), "text": "t", "embedding": base64.b64encode(row.tobytes()).decode()}
             for i, row in enumerate(narrow)],
     }
-    print(f"\ndeploy: worker RSS at rest, after the tests above, {rss_mb(worker, 'VmRSS'):.0f} MB, master {rss_mb(master, 'VmRSS'):.0f} MB")
+    print(
+        f"\ndeploy: worker RSS at rest, after the tests above, {rss_mb(worker, 'VmRSS'):.0f} MB, "
+        f"master {rss_mb(master, 'VmRSS'):.0f} MB"
+    )
     peaks = []
     for name, chunks in cases.items():
         Path(f"/proc/{worker}/clear_refs").write_text("5")  # peak := current RSS
