@@ -446,7 +446,8 @@ def test_worker_memory_fits_the_manifest(replicas):
     deployment = yaml.safe_load((ROOT / "deploy" / "kubernetes" / "deployment.yaml").read_text())
     container = deployment["spec"]["template"]["spec"]["containers"][0]
     workers = int({e["name"]: e["value"] for e in container["env"]}["WEB_CONCURRENCY"])
-    limit_mb = int(container["resources"]["limits"]["memory"].removesuffix("Gi")) * 2**30 / 1e6
+    quantity = container["resources"]["limits"]["memory"]
+    limit_mb = int(quantity[:-2]) * {"Mi": 2**20, "Gi": 2**30}[quantity[-2:]] / 1e6
     assert workers * max(peaks) + rss_mb(master, "VmRSS") <= limit_mb
 
 
