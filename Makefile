@@ -7,7 +7,7 @@ INSTALLED = $(VENV)/.installed
 # The client's tests also run a LangChain retriever (langchain-classic) and build its wheel.
 CLIENT_TEST = 'langchain-classic>=1,<2' 'setuptools>=68'
 
-.PHONY: install run test test-fuzz test-load bench eval-quality clean
+.PHONY: install run test test-fuzz test-load bench eval-quality clean image test-deploy
 
 install: $(INSTALLED)
 
@@ -35,6 +35,28 @@ test-load: install
 
 eval-quality: install
 	$(BIN)/python -m bench.quality
+
+# The container image, with docker or podman (whichever is installed; podman first).
+# `make image BASE=...` builds on another Python 3.11 base.
+ENGINE ?= $(shell command -v podman >/dev/null 2>&1 && echo podman || echo docker)
+IMAGE ?= distill:latest
+BASE ?=
+image:
+	$(ENGINE) build $(if $(filter podman,$(ENGINE)),--format docker) \
+		$(if $(BASE),--build-arg BASE=$(BASE)) --tag $(IMAGE) .
+
+# Three replicas of the image behind nginx, on a local Debian base (see README, Deploy).
+DEPLOY_BASE = localhost/distill-base:bookworm
+DEPLOY_IMAGE = localhost/distill:test
+test-deploy: export CONTAINERS_CONF = $(CURDIR)/deploy/podman/containers.conf
+test-deploy: install
+	BASE_IMAGE=$(DEPLOY_BASE) deploy/podman/setup.sh
+	@started=$$(date +%s); \
+	podman build --quiet --format docker --build-arg BASE=$(DEPLOY_BASE) --tag $(DEPLOY_IMAGE) . >/dev/null && \
+	echo "image $(DEPLOY_IMAGE) built in $$(( $$(date +%s) - started )) s:" \
+		"$$(podman image inspect --format '{{.Size}}' $(DEPLOY_IMAGE) | awk '{printf "%.0f MB", $$1 / 1e6}')," \
+		"base $$(podman image inspect --format '{{.Size}}' $(DEPLOY_BASE) | awk '{printf "%.0f MB", $$1 / 1e6}')"
+	DISTILL_IMAGE=$(DEPLOY_IMAGE) $(BIN)/python -m pytest -q -s tests/deploy_replicas.py
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache
