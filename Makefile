@@ -33,7 +33,10 @@ bench: install
 test-load: install
 	$(BIN)/python -m bench.load
 
+# The long-chunk pairs are cut from the Python documentation's sources (Debian's python3.11-doc).
 eval-quality: install
+	test -d /usr/share/doc/python3.11/html/_sources || \
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3.11-doc; }
 	$(BIN)/python -m bench.quality
 
 # The container image, with docker or podman (whichever is installed; podman first).

@@ -132,14 +132,27 @@ def _paragraphs(text: str) -> list[str]:
 
 
 def _inner_paragraph(text: str, paragraphs: list[str]) -> tuple[int, int] | None:
-    """(start, end) of a paragraph of 100+ characters starting 15-35 % into the text."""
+    """(start, end) of a paragraph of 100+ characters starting 15-35 % into the text that
+    no other part of the text restates (else removing it would lose nothing)."""
     position = 0
     for p in paragraphs:
         start = text.index(p, position)
         position = start + len(p)
-        if 0.15 <= start / len(text) <= 0.35 and len(p) >= 100 and start > 0 and position < len(text):
+        inner = 0.15 <= start / len(text) <= 0.35 and len(p) >= 100 and start > 0 and position < len(text)
+        if inner and not _restated(p, text[:start] + text[position:]):
             return start, position + 2
     return None
+
+
+def _restated(paragraph: str, rest: str) -> bool:
+    """Whether a sentence of `paragraph` shares half its words with one of `rest`."""
+    def sentences(text: str) -> list[set[str]]:
+        return [set(re.findall(r"\w+", s.lower())) for s in re.split(r"(?<=[.!?:])\s+|\n\n", text)]
+
+    others = [s for s in sentences(rest) if s]
+    return any(
+        len(mine & other) >= 0.5 * len(mine | other) for mine in sentences(paragraph) if mine for other in others
+    )
 
 
 def _boundary_near(text: str, fraction: float) -> int | None:

@@ -1,4 +1,5 @@
-"""`make eval-quality`: how well "duplicate" decisions match people's, on STS-B.
+"""`make eval-quality`: how well "duplicate" decisions match people's, on STS-B, and
+what happens to long chunks (`long_chunks`).
 
 Pairs with gold similarity >= 4 are duplicates, <= 2 distinct, the rest are
 ignored. The model threshold is tuned on train (best F1 with precision >=
@@ -18,16 +19,19 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.distance import distance_matrix
-from pipeline.embed import BUNDLED_MODEL, FastEmbedModel
+from pipeline.embed import BUNDLED_MODEL, EmbeddingCache, FastEmbedModel
+from pipeline.offload import Threads
 from pipeline.guards import apply_number_guard
-from pipeline.profiles import GO_THRESHOLD, model_threshold
+from pipeline.profiles import GO_THRESHOLD, coverage_threshold, model_threshold
 from pipeline.runner import Defaults, drain, run
 from pipeline.types import Chunk, DedupeRequest
 
+from . import long_chunks
 from .common import table
 
 DATA = Path(os.environ.get("DISTILL_STSB_DIR", Path(__file__).resolve().parents[2] / "shared" / "data" / "stsb"))
 MIN_PRECISION = 0.95
+PAIRS_PER_KIND = 50
 SWEEP = np.round(np.arange(0.05, 0.501, 0.005), 3)
 
 
@@ -52,18 +56,22 @@ class Pairs:
 
 
 class PrecomputedModel:
-    """The real model's vectors, computed once for every sentence and served from memory."""
+    """The real model, its vectors of the given texts computed once and served from memory
+    (a text not among them, such as one sentence of a two-sentence text, is embedded then)."""
 
     def __init__(self, model: FastEmbedModel, texts: list[str]):
-        self.name, self.batch_size = model.name, 256
+        self.model, self.name, self.batch_size = model, model.name, 256
         unique = sorted(set(texts))
         vectors = np.vstack([model.embed(unique[k : k + 16]) for k in range(0, len(unique), 16)])
         self.vectors = dict(zip(unique, vectors))
 
-    def dim(self) -> int:
-        return 384
+    def __getattr__(self, name):  # dim, window_tokens, count_tokens, token_spans
+        return getattr(self.model, name)
 
     def embed(self, texts):
+        missing = [t for t in texts if t not in self.vectors]
+        if missing:
+            self.vectors.update(zip(missing, self.model.embed(missing)))
         return np.vstack([self.vectors[t] for t in texts])
 
 
@@ -156,7 +164,8 @@ def main() -> None:
             (f"Go mode: {GO_THRESHOLD}, no guard", raw[name] <= GO_THRESHOLD),
             (f"threshold alone (tuned): {alone_t}", raw[name] <= alone_t),
             (f"number guard + tuned threshold: {guarded_t}", guarded[name] <= guarded_t),
-            (f"model mode as shipped: {shipped_t} + guard (runner)", runner_merges(pairs, precomputed)),
+            (f"numbers guard only: {shipped_t} (runner)", runner_merges(pairs, precomputed, guards=("numbers",))),
+            (f"model mode as shipped: {shipped_t} + numbers + coverage (runner)", runner_merges(pairs, precomputed)),
         ]
         for label, merged in settings:
             s = scores(merged, pairs.duplicate)
@@ -171,6 +180,30 @@ def main() -> None:
         "Dev contexts of 50 chunks (25 pairs), model mode as shipped, 40 contexts",
         ["P (removals justified)", "R (duplicate pairs caught)", "F1", "distinct chunks lost"],
         [[f"{context[k]:.3f}" for k in ("P", "R", "F1", "distinct lost")]],
+    )
+    long_chunk_table(model)
+
+
+def long_chunk_table(model: FastEmbedModel) -> None:
+    """Share of long-chunk pairs answered right, per kind (see `long_chunks`), with and
+    without the coverage guard, on the split the coverage distance was tuned on and on
+    the held-out one."""
+    cache, offload = EmbeddingCache(2 << 30), Threads(2)
+    rows = []
+    for split in ("tune", "eval"):
+        pair_list = long_chunks.pairs(split, PAIRS_PER_KIND)
+        settings = [
+            ("numbers guard only", {"guards": ("numbers",)}),
+            (f"as shipped: numbers + coverage {coverage_threshold(BUNDLED_MODEL)}", {}),
+        ]
+        for label, fields in settings:
+            right = long_chunks.outcomes(pair_list, model, Defaults(), offload, cache, **fields)
+            rows.append([split, label] + [f"{right[kind]:.2f}" for kind in long_chunks.KINDS])
+    table(
+        f"Long chunk pairs from the Python docs ({PAIRS_PER_KIND} per kind and split): share answered right",
+        ["split", "setting", "tail apart", "middle apart", "contained: merged, larger kept",
+         "neighbours apart", "cosmetic merged"],
+        rows,
     )
 
 

@@ -116,7 +116,8 @@ def free_port() -> int:
 class Server:
     """`gunicorn -c gunicorn.conf.py` on 127.0.0.1 with the given environment."""
 
-    def __init__(self, **env: str):
+    def __init__(self, root: Path = ROOT, **env: str):
+        self.root = root  # the checkout whose gunicorn.conf.py and packages run
         self.port = free_port()
         self.env = {
             **os.environ,
@@ -132,7 +133,7 @@ class Server:
         self.log = open(ROOT / f".e2e-{self.port}.log", "w+b")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py"],
-            cwd=ROOT, env=self.env, stdout=self.log, stderr=subprocess.STDOUT,
+            cwd=self.root, env=self.env, stdout=self.log, stderr=subprocess.STDOUT,
         )
         for _ in range(600):  # up to ~60 s for the server to answer
             if self.process.poll() is not None:
