@@ -4,7 +4,8 @@ Chunk vectors summarise: two 3,000-character chunks that share their first
 half, or differ in one paragraph, can sit within any useful threshold. So two
 chunks may merge only if one *covers* the other: every sentence of the covered
 chunk lies within the coverage distance of some sentence of the covering one
-(a sentence pair the number guard separates does not count). And a cluster
+(a sentence pair the number guard separates does not count; two chunks of one
+sentence each are compared by their vectors alone, as before). And a cluster
 keeps a chunk that covers every other member; a cluster that no member covers
 is split until each part has one (`covering_split`).
 
@@ -93,7 +94,9 @@ class Coverage:
         """(m, m) bool: [a, b] is whether chunk chunks[a] covers chunk chunks[b].
 
         A chunk without text is covered by every chunk and covers only those
-        without text (it says nothing). A chunk covers itself.
+        without text (it says nothing). A chunk covers itself. Two chunks of one
+        sentence each cover each other: their own vectors already compared them
+        (the threshold); coverage is about what a longer chunk says beyond another.
         """
         lists = [self._sentences[c] for c in chunks]
         sizes = np.array([len(s) for s in lists])
@@ -103,6 +106,7 @@ class Coverage:
             covered = self._covered([lists[i] for i in said])
             covers[np.ix_(said, said)] = covered.T
             covers[np.ix_(sizes == 0, sizes > 0)] = False
+        covers[np.ix_(sizes == 1, sizes == 1)] = True
         np.fill_diagonal(covers, True)
         return covers
 

@@ -360,8 +360,8 @@ class CountingModel:
         self.texts = 0
         self.lock = threading.Lock()
 
-    def dim(self) -> int:
-        return self.model.dim()
+    def __getattr__(self, name):  # dim, window_tokens, count_tokens, token_spans
+        return getattr(self.model, name)
 
     def embed(self, texts):
         with self.lock:
