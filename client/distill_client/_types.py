@@ -92,7 +92,7 @@ class Explain:
 
     chunks: list[ExplainChunk]
     guarded_pairs: list[GuardedPair]
-    map: list[tuple[float, float]]
+    map: list[tuple[float, float] | None]  # None: a frozen cache-prefix chunk (never embedded)
 
 
 @dataclass(frozen=True)
@@ -151,7 +151,7 @@ def _parse_explain(data: Mapping[str, Any]) -> Explain:
                 for i, r in enumerate(data.get("chunks") or [])],
         guarded_pairs=[GuardedPair(p.get("a", 0), p.get("b", 0), p.get("guard", ""))
                        for p in data.get("guarded_pairs") or []],
-        map=[(float(x), float(y)) for x, y in data.get("map") or []],
+        map=[None if point is None else (float(point[0]), float(point[1])) for point in data.get("map") or []],
     )
 
 
