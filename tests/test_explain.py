@@ -304,3 +304,19 @@ def test_non_boolean_explain_is_a_400(client, path, value):
     response = client.post(path, json=body(explain=value))
     assert response.status_code == 400
     assert response.get_json() == {"error": "explain must be true or false"}
+
+
+def test_a_frozen_prefix_comes_first_in_explain_and_the_rest_is_shifted(client):
+    frozen = {"id": "system", "text": "You are a helpful assistant.", "cache_control": {"type": "ephemeral"}}
+    suffix = [
+        {"id": "a", "embedding": [1.0, 0.0, 0.0]},
+        {"id": "b", "embedding": [1.0, 0.01, 0.0]},
+        {"id": "c", "embedding": [0.0, 1.0, 0.0]},
+    ]
+    body = {"chunks": [frozen, *suffix], "options": {"preserve_cache_prefix": True}, "explain": True}
+    explained = client.post("/v1/dedupe", json=body).get_json()["explain"]
+    rows = explained["chunks"]
+    assert rows[0] == {"index": 0, "id": "system", "cluster_id": -1, "state": "frozen", "kept_index": None, "distance": None}
+    assert [r["index"] for r in rows] == [0, 1, 2, 3]
+    assert (rows[2]["state"], rows[2]["kept_index"]) == ("duplicate", 1)
+    assert explained["map"][0] is None and all(len(point) == 2 for point in explained["map"][1:])
