@@ -5,14 +5,18 @@ kernel (AVX2, AVX-512, ...), the matrix shape and the thread count, so a pair
 exactly at the threshold could merge on one machine and not on another. Every
 clustering decision therefore uses the *canonical* distance of a pair:
 
-    float32(clip(1 - a·b, 0, 2)), with a·b the exact dot product of the float32 rows
+    clip(1 - a·b, 0, 2) rounded to a multiple of GRID (2⁻²³), a·b the exact dot
+    product of the float32 rows
 
 (a zero row is at distance 2 from everything, and a row at 0 from itself).
-The products of float32 numbers are exact in float64, so a float64 product is
-within `_error_bound` of the exact value; where that interval holds a single
-float32, that is the answer, and the rare pair whose interval straddles a
-float32 rounding boundary (about one in a million) is summed exactly with
-`math.fsum`. Either way the value depends on the two rows alone.
+Every multiple of GRID up to 2 is a float32, so the values are float32s, as
+fine as float32 is near 1; a fixed grid (not float32's own, ever finer towards
+0) keeps near-identical rows, the commonest pairs here, away from rounding
+boundaries. The products of float32 numbers are exact in float64, so a
+float64 product is within `_error_bound` of the exact value; where that
+interval rounds to a single grid point, that is the answer, and the rare pair
+whose interval straddles a boundary (about two in a million) is summed exactly
+with `math.fsum`. Either way the value depends on the two rows alone.
 
 Fast float32 products still find the *candidates* (pairs that may be within
 the threshold): `candidate_margin` bounds their error, so no pair whose
@@ -26,6 +30,7 @@ import math
 import numpy as np
 
 MAX_DISTANCE = 2.0
+GRID = 2.0**-23  # canonical distances are multiples of this: float32s, 1.2e-7 apart
 _PAIR_BLOCK = 1 << 16  # pairs per block in `pair_distances` (bounded float64 copies)
 
 
@@ -81,23 +86,24 @@ def candidate_margin(unit: np.ndarray) -> float:
 
 def _canonical(approx: np.ndarray, bound: float, exact_at) -> np.ndarray:
     """float32 distances from float64 ones within `bound` of exact: where the interval
-    rounds to one float32, that one; elsewhere `exact_at(*index)`."""
-    low = _to_distance(approx - bound)
-    result = _to_distance(approx + bound)
+    rounds to one grid point, that one; elsewhere `exact_at(*index)`."""
+    low = _on_grid(approx - bound)
+    result = _on_grid(approx + bound)
     for index in zip(*np.nonzero(low != result)):
         result[index] = exact_at(*index)
     return result
 
 
-def _to_distance(values: np.ndarray) -> np.ndarray:
-    return np.clip(values, 0.0, MAX_DISTANCE).astype(np.float32)
+def _on_grid(values: np.ndarray) -> np.ndarray:
+    """Clipped to [0, 2] and rounded (half to even) to a multiple of GRID, as float32."""
+    return (np.rint(np.clip(values, 0.0, MAX_DISTANCE) / GRID) * GRID).astype(np.float32)
 
 
 def _exact(a: np.ndarray, b: np.ndarray) -> np.float32:
     """The canonical distance by exact summation: each float32·float32 product is exact
     in float64, and `fsum` rounds their exact sum once."""
     exact = math.fsum(np.concatenate(([1.0], -(a * b))))
-    return np.float32(min(max(exact, 0.0), MAX_DISTANCE))
+    return _on_grid(np.float64(exact))[()]
 
 
 def _error_bound(a: np.ndarray, b: np.ndarray) -> float:

@@ -14,7 +14,7 @@ import pytest
 
 import pipeline.distance
 from pipeline.cluster import Clustering
-from pipeline.distance import MAX_DISTANCE, candidate_margin, distance_matrix, pair_distances
+from pipeline.distance import GRID, MAX_DISTANCE, candidate_margin, distance_matrix, pair_distances
 from pipeline.embed import l2_normalise
 from pipeline.guards import NumberGuard
 from pipeline.offload import Threads
@@ -27,7 +27,8 @@ def exact_distance(a: np.ndarray, b: np.ndarray) -> np.float32:
     if not a.any() or not b.any():
         return np.float32(MAX_DISTANCE)
     products = [float(x) * float(y) for x, y in zip(a.tolist(), b.tolist())]
-    return np.float32(min(max(math.fsum([1.0] + [-p for p in products]), 0.0), MAX_DISTANCE))
+    exact = min(max(math.fsum([1.0] + [-p for p in products]), 0.0), MAX_DISTANCE)
+    return np.float32(round(exact / GRID) * GRID)  # round(): half to even, as the grid
 
 
 def rows(seed: int, n: int, d: int) -> np.ndarray:
@@ -128,3 +129,18 @@ def test_the_same_labels_and_bits_under_every_blas_kernel(kernel):
         [sys.executable, "-c", KERNEL_SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True, check=True
     )
     assert json.loads(done.stdout) == in_this_process()
+
+
+def test_copies_and_near_copies_need_no_exact_sums(monkeypatch):
+    """Duplicates are the commonest pairs here: their distances sit near 0, where a float32
+    grid would be ever finer; on the fixed grid they never straddle a rounding boundary,
+    so no pair takes the slow exact path."""
+    calls = []
+    exact = pipeline.distance._exact
+    monkeypatch.setattr(pipeline.distance, "_exact", lambda a, b: calls.append(1) or exact(a, b))
+    rng = np.random.default_rng(4)
+    base = rng.normal(size=(1, 384)).astype(np.float32)
+    near = base + 1e-4 * rng.normal(size=(150, 384)).astype(np.float32)
+    unit = l2_normalise(np.vstack([np.repeat(base, 150, axis=0), near]))
+    distances = distance_matrix(unit)
+    assert calls == [] and distances[:150, :150].max() == 0.0

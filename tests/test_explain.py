@@ -27,11 +27,11 @@ FIVE = [
 
 
 def exact_distance(u: np.ndarray, v: np.ndarray) -> float:
-    """The canonical distance by definition: 1 - u·v summed exactly, clipped, as float32."""
+    """The canonical distance by definition: 1 - u·v summed exactly, clipped, on the 2⁻²³ grid."""
     if not u.any() or not v.any():
         return 2.0
-    exact = math.fsum([1.0] + [-float(a) * float(b) for a, b in zip(u, v)])
-    return float(np.float32(min(2.0, max(0.0, exact))))
+    exact = min(2.0, max(0.0, math.fsum([1.0] + [-float(a) * float(b) for a, b in zip(u, v)])))
+    return float(np.float32(round(exact / 2.0**-23) * 2.0**-23))
 
 
 def random_unit(n: int, d: int, seed: int = 0) -> np.ndarray:
