@@ -22,6 +22,16 @@ WORDS = (
     "contract vaccine tunnel orbit violin desert invoice kernel pasta glacier tariff"
 ).split()
 
+# Five chunks that show every decision: a paraphrase pair, a loner, and a pair the
+# number guard keeps apart.
+FIVE = [
+    "A plane is taking off.",
+    "An air plane is taking off.",
+    "A man is playing a flute.",
+    "Revenue rose 3% in the second quarter.",
+    "Revenue rose 5% in the second quarter.",
+]
+
 
 def synthetic_texts(n: int, seed: int = 0) -> list[str]:
     """n distinct sentences of 8-20 words (deterministic)."""

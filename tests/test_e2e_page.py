@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from .support import ROOT, Server, SSEParser, synthetic_texts
+from .support import FIVE, ROOT, Server, SSEParser, synthetic_texts
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -24,13 +24,6 @@ CHROMIUM_ARGS = [
     "--disable-background-networking", "--disable-component-update", "--disable-sync",
 ]
 ARTIFACTS = ROOT / ".artifacts"
-FIVE = [
-    "A plane is taking off.",
-    "An air plane is taking off.",
-    "A man is playing a flute.",
-    "Revenue rose 3% in the second quarter.",
-    "Revenue rose 5% in the second quarter.",
-]
 API_KEY = "page-test-key"
 WAIT_MS = 90_000  # the first request loads the model in the worker
 

@@ -4,7 +4,6 @@ runner and both endpoints."""
 from __future__ import annotations
 
 import json
-import math
 
 import numpy as np
 import pytest
@@ -17,21 +16,13 @@ from pipeline.offload import INLINE, Threads
 from pipeline.runner import drain, run
 from pipeline.types import Chunk, DedupeRequest
 
-FIVE = [
-    "A plane is taking off.",
-    "An air plane is taking off.",
-    "A man is playing a flute.",
-    "Revenue rose 3% in the second quarter.",
-    "Revenue rose 5% in the second quarter.",
-]
+from .support import FIVE
+from .test_distance import exact_distance as canonical_distance
 
 
 def exact_distance(u: np.ndarray, v: np.ndarray) -> float:
-    """The canonical distance by definition: 1 - u·v summed exactly, clipped, on the 2⁻²³ grid."""
-    if not u.any() or not v.any():
-        return 2.0
-    exact = min(2.0, max(0.0, math.fsum([1.0] + [-float(a) * float(b) for a, b in zip(u, v)])))
-    return float(np.float32(round(exact / 2.0**-23) * 2.0**-23))
+    """The canonical distance by its definition (summed exactly), as a Python float."""
+    return float(canonical_distance(u, v))
 
 
 def random_unit(n: int, d: int, seed: int = 0) -> np.ndarray:
