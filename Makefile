@@ -7,7 +7,7 @@ INSTALLED = $(VENV)/.installed
 # The client's tests also run a LangChain retriever (langchain-classic) and build its wheel.
 CLIENT_TEST = 'langchain-classic>=1,<2' 'setuptools>=68'
 
-.PHONY: install run test test-fuzz test-load bench eval-quality clean image test-deploy
+.PHONY: install run test test-fuzz test-load bench eval-quality corpus clean image test-deploy
 
 install: $(INSTALLED)
 
@@ -27,17 +27,20 @@ test: install
 test-fuzz: install
 	$(BIN)/python -m pytest -q tests/fuzz_gunicorn.py
 
-bench: install
+bench: install corpus
 	$(BIN)/python -m bench
 
 test-load: install
 	$(BIN)/python -m bench.load
 
-# The long-chunk pairs are cut from the Python documentation's sources (Debian's python3.11-doc).
-eval-quality: install
+eval-quality: install corpus
+	$(BIN)/python -m bench.quality
+
+# Long chunks for the quality table and the model-mode bench are cut from the Python
+# documentation's sources (Debian's python3.11-doc, PSF licence).
+corpus:
 	test -d /usr/share/doc/python3.11/html/_sources || \
 		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3.11-doc; }
-	$(BIN)/python -m bench.quality
 
 # The container image, with docker or podman (whichever is installed; podman first).
 # `make image BASE=...` builds on another Python 3.11 base.
