@@ -70,7 +70,8 @@ def run(
     A frozen cache prefix (`request.frozen_count` leading chunks) skips every
     stage: the stages see only the suffix, and the prefix comes first in the
     result, as sent, with `cluster_id` -1. When every chunk is frozen no stage
-    runs at all. See `_run_stages` for the arguments.
+    runs at all. `started` is when the request body was parsed (for
+    `latency_ms`; default: now); `cache` holds vectors of texts seen before.
     """
     started = clock() if started is None else started
     if not request.frozen_count:
@@ -103,19 +104,18 @@ def run(
 def _run_stages(
     request: DedupeRequest,
     embedder: Embedder,
-    defaults: Defaults = Defaults(),
-    offload: Offload = INLINE,
-    clock: Callable[[], float] = time.perf_counter,
-    started: float | None = None,
-    cache: EmbeddingCache | None = None,
+    defaults: Defaults,
+    offload: Offload,
+    clock: Callable[[], float],
+    started: float,
+    cache: EmbeddingCache | None,
 ) -> Iterator[StageEvent | Result]:
-    """Yield the stage events of `request`, then its `Result`.
+    """`run` for a request with nothing frozen: every stage, then the `Result`.
 
     `started` is when the request body was parsed (for `latency_ms`); `cache`
     holds vectors of texts seen before (no stat depends on it).
     Any failure inside a stage is raised as `StageError(stage, message)`.
     """
-    started = clock() if started is None else started
     chunks = request.chunks
     vectors, query_vector, model_mode = yield from _stage(
         EMBEDDING, _embed(request, embedder, offload, clock, cache), clock
