@@ -26,7 +26,14 @@ from scipy.sparse.csgraph import connected_components
 from scipy.spatial.distance import squareform
 
 from .coverage import covering_split
-from .distance import MAX_DISTANCE, candidate_margin, distance_matrix, float32_cutoff, pair_distances
+from .distance import (
+    MAX_DISTANCE,
+    candidate_margin,
+    candidate_pairs,
+    distance_matrix,
+    float32_cutoff,
+    pair_distances,
+)
 from .offload import INLINE, Offload
 
 if TYPE_CHECKING:
@@ -238,18 +245,8 @@ class Clustering:
     def _tile_edges(self, slot: int, r0: int, r1: int) -> tuple[np.ndarray, np.ndarray, int]:
         """Similarities of rows r0..r1 with rows r0..n: the pairs i < j that may be within t
         and that the number guard lets through, and how many pairs within t it separated."""
-        unit, width = self.unit, len(self.unit) - r0
-        entries = (r1 - r0) * width
-        similarities, mask = (buffer[:entries] for buffer in self._buffers[slot])
-        np.matmul(unit[r0:r1], unit[r0:].T, out=similarities.reshape(r1 - r0, width))
-        np.greater_equal(similarities, self._min_similarity, out=mask)
-        flat = np.flatnonzero(mask)  # (much faster than a 2-D np.nonzero)
-        rows, cols = np.divmod(flat, width)
-        upper = cols > rows
-        first, second = rows[upper] + r0, cols[upper] + r0
-        if self._min_similarity <= 0:  # zero vectors are at distance 2 from everything
-            nonzero = unit[first].any(axis=1) & unit[second].any(axis=1)
-            first, second = first[nonzero], second[nonzero]
+        unit = self.unit
+        first, second = candidate_pairs(unit, r0, r1, self._min_similarity, self._buffers[slot])
         guarded = 0
         if self.guard is not None and len(first):
             separated = self.guard.separates(first, second)

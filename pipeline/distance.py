@@ -75,6 +75,33 @@ def float32_cutoff(threshold: float) -> np.float32:
     return cutoff
 
 
+def candidate_pairs(
+    unit: np.ndarray,
+    r0: int,
+    r1: int,
+    min_similarity: np.float32,
+    buffers: tuple[np.ndarray, np.ndarray] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The pairs (i, j), r0 <= i < r1, i < j, whose float32 similarity is at least
+    `min_similarity`: a row tile (rows r0..r1 against rows r0..n) of the upper triangle
+    of `unit @ unit.T`. Zero rows pair with nothing. `buffers`: float32 and bool arrays of
+    at least (r1 - r0)(n - r0) entries to reuse (fresh ~100 MB arrays cost page faults)."""
+    width = len(unit) - r0
+    entries = (r1 - r0) * width
+    if buffers is None:
+        buffers = (np.empty(entries, dtype=np.float32), np.empty(entries, dtype=bool))
+    similarities, mask = (buffer[:entries] for buffer in buffers)
+    np.matmul(unit[r0:r1], unit[r0:].T, out=similarities.reshape(r1 - r0, width))
+    np.greater_equal(similarities, min_similarity, out=mask)
+    rows, cols = np.divmod(np.flatnonzero(mask), width)  # (much faster than a 2-D np.nonzero)
+    upper = cols > rows
+    first, second = rows[upper] + r0, cols[upper] + r0
+    if min_similarity <= 0:  # zero vectors are at distance 2 from everything
+        nonzero = unit[first].any(axis=1) & unit[second].any(axis=1)
+        first, second = first[nonzero], second[nonzero]
+    return first, second
+
+
 def candidate_margin(unit: np.ndarray) -> float:
     """How far a float32 product's `1 - a·b` may lie from the canonical distance.
 

@@ -19,7 +19,7 @@ from typing import Protocol, Sequence
 import numpy as np
 from scipy import linalg
 
-from .distance import candidate_margin, float32_cutoff, pair_distances
+from .distance import candidate_margin, candidate_pairs, float32_cutoff, pair_distances
 from .offload import INLINE, Offload
 
 MAX_GUARDED_PAIRS = 1000
@@ -154,12 +154,8 @@ def _tile_pairs(
     unit: np.ndarray, r0: int, r1: int, threshold: float, guards: Sequence[Guard]
 ) -> list[dict]:
     """The guarded pairs (a, b) with r0 <= a < r1, a < b, ascending."""
-    width = len(unit) - r0
-    similarities = unit[r0:r1] @ unit[r0:].T
-    min_similarity = np.float32(1.0 - threshold - candidate_margin(unit))
-    rows, cols = np.divmod(np.flatnonzero(similarities >= min_similarity), width)
-    upper = cols > rows
-    first, second = rows[upper] + r0, cols[upper] + r0
+    min_similarity = np.float32(1.0 - float(float32_cutoff(threshold)) - candidate_margin(unit))
+    first, second = candidate_pairs(unit, r0, r1, min_similarity)
     guard_of = _first_separating_guard(guards, first, second)
     held = guard_of >= 0
     first, second, guard_of = first[held], second[held], guard_of[held]
