@@ -133,11 +133,10 @@ class Balancer:
         self.port = free_port()
         self.workdir = workdir
         config = (ROOT / "deploy" / "nginx.conf").read_text()
-        servers = "".join(
-            f"        server 127.0.0.1:{r.port} max_fails=1 fail_timeout=5s;\n" for r in replicas
-        )
-        config, count = re.subn(r"(?m)^\s*server 10\.0\.0\.\d+:8080[^\n]*\n", "", config)
-        assert count == 3, "the example's upstream lines changed: update this test"
+        example = re.findall(r"(?m)^\s*server 10\.0\.0\.\d+:8080([^\n]*)\n", config)
+        assert len(example) == 3, "the example's upstream lines changed: update this test"
+        config = re.sub(r"(?m)^\s*server 10\.0\.0\.\d+:8080[^\n]*\n", "", config)
+        servers = "".join(f"        server 127.0.0.1:{r.port}{example[0]}\n" for r in replicas)
         config = config.replace("        least_conn;\n", "        least_conn;\n" + servers)
         config = config.replace("listen 80;", f"listen 127.0.0.1:{self.port};")
         config = config.replace("/run/nginx-distill.pid", str(workdir / "nginx.pid"))
@@ -167,9 +166,27 @@ class Balancer:
             self.process.terminate()
             self.process.wait(timeout=30)
 
+    def complaints(self) -> str:
+        """What went wrong on nginx's side, for the record (the work directory goes with
+        the fixture): refused connections (each sent on to the next replica) counted,
+        any other error and every answer that was not a 200 in full."""
+        errors = [line for line in self._log("distill.error.log") if "[warn]" not in line]
+        refused = [line for line in errors if "(111: Connection refused)" in line]
+        others = [line for line in errors if line not in refused]
+        failed = [line for line in self._log("distill.access.log") if '" 200 ' not in line]
+        return "\n".join([
+            f"nginx: {len(refused)} connections refused by a stopped replica and sent on",
+            f"nginx: {len(others)} other errors", *others,
+            f"nginx: {len(failed)} answers other than 200", *failed,
+        ])
+
+    def _log(self, name: str) -> list[str]:
+        path = self.workdir / name
+        return path.read_text().splitlines() if path.exists() else []
+
     def retried(self) -> int:
         """Requests that nginx sent on to another replica (the access log lists two statuses)."""
-        text = (self.workdir / "distill.access.log").read_text()
+        text = "\n".join(self._log("distill.access.log"))
         return sum("," in statuses for statuses in re.findall(r"upstream_status=(.*)$", text, re.M))
 
 
@@ -195,6 +212,7 @@ def balancer(replicas):
     nginx.start()
     yield nginx
     nginx.stop()
+    print(nginx.complaints())
     shutil.rmtree(workdir, ignore_errors=True)
 
 

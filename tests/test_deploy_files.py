@@ -173,6 +173,13 @@ class TestNginxExample:
         upstream = self.text[self.text.index("upstream distill {"):]
         assert re.search(r"^\s*least_conn;", upstream[: upstream.index("}")], re.M)
 
+    def test_no_replica_is_ever_marked_down(self):
+        """A mark sticks until a request to that replica completes (seconds, for a stream):
+        mid-rolling-restart every replica could be marked at once and nginx answer 502."""
+        servers = re.findall(r"^[ \t]*server[ \t]+\S+([^;\n]*);", self.text, re.M)
+        assert len(servers) == 3 and all("max_fails=0" in options.split() for options in servers)
+        assert self.directive("zone", where="upstream distill {").split()[0] == "distill"
+
     def test_read_timeout_above_heartbeat_and_worker_timeout(self):
         read_timeout = int(self.directive("proxy_read_timeout").removesuffix("s"))
         assert read_timeout > Config().sse_heartbeat_s and read_timeout > gunicorn_setting("timeout")
