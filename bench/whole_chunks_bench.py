@@ -7,7 +7,10 @@ streams (the stage stats say what the model read) in three cases:
 * cold: chunks no worker has seen;
 * repeated: the same request again (an agent resending its context; the
   median of 5 sends after both workers have seen it);
-* half new: 25 of those chunks and 25 unseen ones.
+* half new: 25 of those chunks and 25 unseen ones;
+* shifted: 50 chunks cut elsewhere from text already sent (the second half of
+  one chunk and the first half of another, as a splitter with 50 % overlap
+  cuts): only the seams are new.
 
 `python -m bench.whole_chunks_bench [CHECKOUT]` also runs the cold case
 against another checkout of the service (e.g. an older commit), for the
@@ -47,6 +50,19 @@ def chunk_sets(tokens: int) -> tuple[list[str], list[str]]:
     return picked[:N], picked[N : 2 * N]
 
 
+def shifted(texts: list[str]) -> list[str]:
+    """Each chunk's second half (from the paragraph break nearest its middle) joined to
+    the next chunk's first half."""
+    def cut(text: str) -> int:
+        breaks = [i for i in range(len(text)) if text.startswith("\n\n", i)] or [len(text) // 2]
+        return min(breaks, key=lambda i: abs(i - len(text) // 2))
+
+    return [
+        text[cut(text):].strip() + "\n\n" + after[: cut(after)].strip()
+        for text, after in zip(texts, texts[1:] + texts[:1])
+    ]
+
+
 def stream_stats(server: Server, texts: list[str]) -> dict:
     """latency_ms, and the embedding stage's tokens and duration, of one streamed request."""
     body = {"chunks": [{"id": str(i), "text": t} for i, t in enumerate(texts)]}
@@ -74,9 +90,10 @@ def latency_rows(server: Server) -> list[list[object]]:
             stream_stats(server, first)
         repeated = statistics.median(stream_stats(server, first)["latency_ms"] for _ in range(5))
         half = stream_stats(server, first[: N // 2] + second[: N // 2])
+        moved = stream_stats(server, shifted(first))
         rows.append([
             tokens, cold["tokens"] // N, cold["latency_ms"], repeated, half["latency_ms"],
-            int(cold["tokens"] / max(1, cold["embed_ms"]) * 1000),
+            moved["latency_ms"], int(cold["tokens"] / max(1, cold["embed_ms"]) * 1000),
         ])
     return rows
 
@@ -130,7 +147,8 @@ def main(before: Path | None = None) -> None:
         rows = [row + [cold_before[row[0]]] for row in rows]
     table(
         f"Model mode, {N} chunks per request, 2 workers: server latency_ms",
-        ["~tokens", "tokens/chunk", "cold", "repeated", "half new", "embedding tokens/s (cold)"]
+        ["~tokens", "tokens/chunk", "cold", "repeated", "half new", "shifted",
+         "embedding tokens/s (cold)"]
         + (["cold before (wall ms)"] if before is not None else []),
         rows,
     )

@@ -52,6 +52,7 @@ class Coverage:
         self.compared = 0  # distinct sentences of the prepared chunks, wherever their vectors come from
         self._sentences: dict[int, list[str]] = {}  # chunk -> its sentences' texts
         self._vectors: dict[str, np.ndarray] = dict(known or {})
+        self._tokens: dict[str, int] = {}  # tokens of the sentences still to embed
 
     def plan(self, chunks: Sequence[int]) -> list[list[str]]:
         """Split `chunks` into sentences; the batches of sentences still to embed."""
@@ -64,12 +65,14 @@ class Coverage:
         if self.cache is not None:
             self._vectors.update((s, entry.vector) for s, entry in self.cache.get_many(wanted).items())
         missing = [s for s in wanted if s not in self._vectors]
-        return [[missing[i] for i in batch] for batch in length_sorted_batches(missing, self.embedder.batch_size)]
+        self._tokens.update(zip(missing, self.embedder.count_tokens(missing)))
+        batches = length_sorted_batches([self._tokens[s] for s in missing], self.embedder.batch_size)
+        return [[missing[i] for i in batch] for batch in batches]
 
     def embed_batch(self, batch: list[str]) -> dict[str, Embedded]:
         """Vectors of one batch of sentences (tokens counted for the cache)."""
-        vectors, tokens = self.embedder.embed(batch), self.embedder.count_tokens(batch)
-        return {s: Embedded(v, 1, n) for s, v, n in zip(batch, vectors, tokens)}
+        vectors = self.embedder.embed(batch)
+        return {s: Embedded(v, 1, self._tokens[s]) for s, v in zip(batch, vectors)}
 
     def absorb(self, computed: dict[str, Embedded]) -> None:
         self._vectors.update((s, entry.vector) for s, entry in computed.items())

@@ -224,7 +224,8 @@ def _embed(
     total = sum(window_tokens[w] for w in todo) or 1
     done = 0
     last_report = clock()
-    batches = [[todo[i] for i in batch] for batch in length_sorted_batches(todo, embedder.batch_size)]
+    batches = length_sorted_batches([window_tokens[w] for w in todo], embedder.batch_size)
+    batches = [[todo[i] for i in batch] for batch in batches]
     for start in range(0, len(batches), offload.width):  # a text's vector is the same in any batch
         group = batches[start : start + offload.width]
         computed = {}

@@ -14,6 +14,7 @@ spans of the original text, so a window is a substring of its chunk.
 from __future__ import annotations
 
 import re
+import zlib
 from typing import Sequence
 
 import numpy as np
@@ -29,6 +30,13 @@ _STRUCTURED_LINE = re.compile(  # (matched at a line's start)
     r"(?:\s*(?:[-*+\u2022]|\d{1,3}[.)])\s|\s*#{1,6}\s|\s*\||\s*[=\-~^\"'`#*+]{3,}\s*$|\t| {4}|\s*```)"
 )
 MIN_UNIT_CHARS = 24  # shorter pieces ("Note:", "Example") join their neighbour in the paragraph
+# Anchors: one unit in ANCHOR_EVERY (by its words) may start a block of windows, once
+# the block before holds MIN_BLOCK_FRACTION of a window. Small blocks share more of
+# an overlap; on the Python docs cut at 4,000 characters with 50 % overlap, 39 % of a
+# chunk's tokens are in windows of its neighbour (46 % is all they share), and the
+# model reads short inputs as fast per token once batches are grouped by tokens.
+ANCHOR_EVERY = 2
+MIN_BLOCK_FRACTION = 0.1
 
 
 def units(text: str) -> list[Span]:
@@ -52,15 +60,44 @@ def windows(text: str, tokens: Sequence[Span], limit: int) -> list[tuple[Span, i
     """Consecutive spans of text with at most `limit` tokens each, cut at unit ends where
     possible, and their token counts. `tokens`: the text's tokens as character spans
     (as the model's tokenizer finds them, without its special tokens). A text of at
-    most `limit` tokens is one window: the whole text, exactly."""
+    most `limit` tokens is one window: the whole text, exactly.
+
+    Windows are packed block by block, and a block starts at an *anchor*: a unit
+    chosen by its own words (`_is_anchor`), not by its place in the text. So two
+    chunks that share a run of text (neighbours cut with overlap, a passage quoted
+    in both) cut it into the same windows past its first anchor, and a window seen
+    before is not embedded again.
+    """
     if len(tokens) <= limit:
         return [((0, len(text)), len(tokens))]
+    spans = units(text)
     starts = np.fromiter((a for a, _ in tokens), dtype=np.int64, count=len(tokens))
-    bounds = np.searchsorted(starts, [a for a, _ in units(text)[1:]] + [len(text)])
+    ends = np.searchsorted(starts, [a for a, _ in spans[1:]] + [len(text)]).tolist()
     ranges: list[tuple[int, int]] = []  # token ranges of the windows
-    first = last = 0  # the window being filled: tokens first..last
-    for end in bounds.tolist():
-        if end - last > limit:  # one unit too long for any window: cut it at word starts
+    block: list[int] = []  # unit ends (token indices) of the block being gathered
+    first = 0  # the block's first token
+    for end, (a, b) in zip(ends[:-1], spans[1:]):  # end: where the unit a..b starts
+        block.append(end)
+        if end - first >= MIN_BLOCK_FRACTION * limit and _is_anchor(text[a:b]):
+            ranges.extend(_pack(tokens, first, block, limit))
+            first, block = end, []
+    ranges.extend(_pack(tokens, first, block + ends[-1:], limit))
+    return [((tokens[a][0], tokens[b - 1][1]), b - a) for a, b in ranges]
+
+
+def _is_anchor(unit: str) -> bool:
+    """Whether a block starts at this unit: a hash of its words (white space ignored,
+    so re-wrapping moves no anchor), the same on every machine."""
+    return zlib.crc32(" ".join(unit.split()).encode()) % ANCHOR_EVERY == 0
+
+
+def _pack(tokens: Sequence[Span], first: int, unit_ends: list[int], limit: int) -> list[tuple[int, int]]:
+    """Token ranges of at most `limit` from token `first`, filled greedily with whole units
+    (a unit too long for one window is cut at word starts)."""
+    ranges: list[tuple[int, int]] = []
+    last = first  # the window being filled: tokens first..last
+    for end in unit_ends:
+        if end - last > limit:
             if last > first:
                 ranges.append((first, last))
             ranges.extend(_cut(tokens, last, end, limit))
@@ -72,7 +109,7 @@ def windows(text: str, tokens: Sequence[Span], limit: int) -> list[tuple[Span, i
             last = end
     if last > first:
         ranges.append((first, last))
-    return [((tokens[a][0], tokens[b - 1][1]), b - a) for a, b in ranges]
+    return ranges
 
 
 def _cut(tokens: Sequence[Span], first: int, end: int, limit: int) -> list[tuple[int, int]]:

@@ -88,19 +88,16 @@ def test_unknown_model_is_a_clear_error_not_a_hang():
 
 
 def test_length_sorted_batches_cover_every_index_once():
-    texts = ["a" * k for k in [3, 10, 1, 7, 7, 2]]
-    batches = length_sorted_batches(texts, 4)
+    batches = length_sorted_batches([3, 10, 1, 7, 7, 2], 4)
     assert batches == [[1, 3, 4, 0], [5, 2]]
     assert sorted(i for b in batches for i in b) == list(range(6))
 
 
-def test_length_sorted_batches_hold_a_budget_of_padded_characters():
-    """Padded to the longest: 10 * 3 <= 30 but 10 * 4 > 30; texts beyond the
-    tokenizer's reach count as truncated; a text over budget is a batch alone."""
-    texts = ["a" * k for k in [10, 9, 8, 2, 2, 2, 1]]
-    assert length_sorted_batches(texts, 16, budget=30) == [[0, 1, 2], [3, 4, 5, 6]]
-    assert length_sorted_batches(["a" * 50_000] * 5, 16, budget=4096) == [[0, 1, 2, 3], [4]]
-    assert length_sorted_batches(["a" * 100, "b"], 16, budget=50) == [[0], [1]]
+def test_length_sorted_batches_hold_a_budget_of_padded_tokens():
+    """Padded to the longest: 10 * 3 <= 30 but 10 * 4 > 30; an input over budget is a batch alone."""
+    assert length_sorted_batches([10, 9, 8, 2, 2, 2, 1], 16, budget=30) == [[0, 1, 2], [3, 4, 5, 6]]
+    assert length_sorted_batches([254] * 5, 16) == [[0, 1, 2, 3], [4]]
+    assert length_sorted_batches([100, 1], 16, budget=50) == [[0], [1]]
 
 
 def test_l2_normalise_keeps_zero_rows_and_survives_huge_values():

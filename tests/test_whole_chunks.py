@@ -101,6 +101,53 @@ def test_windows_cover_every_token_in_order_within_the_limit(embedder):
     assert windows(short, embedder.token_spans([short])[0], limit) == [((0, len(short)), len(embedder.token_spans([short])[0]))]
 
 
+def overlapping_pair() -> tuple[str, str, str]:
+    """Two chunks as a splitter with a large overlap cuts them: B starts a third of the
+    way into A; returns A, B and the text they share."""
+    parts = paragraphs(ARGPARSE + "\n\n" + "\n\n".join(OTHER_PARAGRAPHS))
+    third = len(parts) // 3
+    return "\n\n".join(parts[: 2 * third]), "\n\n".join(parts[third:]), "\n\n".join(parts[third : 2 * third])
+
+
+def test_chunks_that_overlap_cut_the_shared_text_into_the_same_windows(embedder):
+    """Windows start at anchors chosen by a unit's own words, so past the first anchor
+    B cuts the text it shares with A exactly as A does (packing each chunk greedily
+    from its start shares almost nothing)."""
+    first, second, shared = overlapping_pair()
+    plans = dict(zip((first, second), plan_windows([first, second], embedder)))
+    assert len(plans[first]) > 6 and len(plans[second]) > 6
+    seen = {window for window, _ in plans[first]}
+    reused = sum(tokens for window, tokens in plans[second] if window in seen)
+    assert reused >= 0.6 * embedder.count_tokens([shared])[0]
+
+
+def test_an_overlapping_chunk_pays_only_for_windows_not_seen_before(embedder):
+    first, second, shared = overlapping_pair()
+    cache = EmbeddingCache(64 << 20)
+    drain(run(DedupeRequest(chunks=(Chunk(text=first),), guards=()), embedder, cache=cache))
+    counting = CountingModel(embedder, 16)
+    drain(run(DedupeRequest(chunks=(Chunk(text=second),), guards=()), counting, cache=cache))
+    asked = [window for batch in counting.batches for window in batch]
+    second_tokens, shared_tokens = embedder.count_tokens([second, shared])
+    assert sum(embedder.count_tokens(asked)) <= second_tokens - 0.6 * shared_tokens
+    alone = EmbeddingCache(64 << 20)
+    drain(run(DedupeRequest(chunks=(Chunk(text=second),), guards=()), embedder, cache=alone))
+    # what was cached changes the cost, not the vector
+    assert np.array_equal(cache.get_many([second])[second].vector, alone.get_many([second])[second].vector)
+
+
+def test_rewrapping_moves_no_window_boundary(embedder):
+    text = ARGPARSE + "\n\n" + "\n\n".join(OTHER_PARAGRAPHS)
+    rewrapped = "\n\n".join(
+        textwrap.fill(" ".join(p.split()), 50) if not re.search(r"^\s|^[-*>]", p, re.M) else p
+        for p in paragraphs(text)
+    )
+    assert rewrapped != text
+    squash = lambda plan: [" ".join(window.split()) for window, _ in plan]  # noqa: E731
+    original, changed = plan_windows([text, rewrapped], embedder)
+    assert len(original) > 6 and squash(original) == squash(changed)
+
+
 def test_a_text_of_one_window_keeps_its_vector_and_a_long_one_counts_every_token(embedder):
     short = paragraphs(ARGPARSE)[0]
     [[(window, _)]] = plan_windows([short], embedder)
