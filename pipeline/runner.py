@@ -265,15 +265,12 @@ def plan_windows(texts: Sequence[str], embedder: Embedder) -> list[list[tuple[st
     """Each text's model inputs and their token counts: the text itself when it fits one
     input, else its windows (`pipeline.segment.windows`)."""
     limit = embedder.window_tokens()
-    counts = embedder.count_tokens(texts)
-    long = [text for text, count in zip(texts, counts) if count > limit]
-    spans = dict(zip(long, embedder.token_spans(long)))
     plans = []
-    for text, count in zip(texts, counts):
-        if count <= limit:
-            plans.append([(text, count)])
+    for text, tokens in zip(texts, embedder.token_spans(texts)):
+        if len(tokens) <= limit:
+            plans.append([(text, len(tokens))])
         else:
-            plans.append([(text[a:b], tokens) for (a, b), tokens in windows(text, spans[text], limit)])
+            plans.append([(text[a:b], count) for (a, b), count in windows(text, tokens, limit)])
     return plans
 
 
