@@ -23,7 +23,8 @@ def main() -> None:
     for name, template, n in (("short", SHORT, 1000), ("long", LONG, 300)):
         texts = [template.format(i) for i in range(n)]
         raw = _rate(lambda: list(model._model.embed(texts, batch_size=16)), n)  # fastembed as shipped
-        ours = _rate(lambda: [model.embed([texts[i] for i in b]) for b in length_sorted_batches(model.count_tokens(texts), model.batch_size)], n)
+        batches = length_sorted_batches(model.count_tokens(texts), model.batch_size)
+        ours = _rate(lambda: [model.embed([texts[i] for i in b]) for b in batches], n)
         request = DedupeRequest(chunks=tuple(Chunk(id=str(i), text=t) for i, t in enumerate(texts)))
         pipeline = _rate(lambda: drain(run(request, model)), n)
         wide = _rate(lambda: drain(run(request, model, offload=pool)), n)

@@ -25,7 +25,8 @@ def _worker(threads: int, at_once: int, start, results) -> None:
     model = FastEmbedModel(threads=threads)
     model.dim()
     texts = synthetic_texts(TEXTS, seed=3)
-    batches = [[texts[i] for i in batch] for batch in length_sorted_batches(model.count_tokens(texts), model.batch_size)]
+    batches = length_sorted_batches(model.count_tokens(texts), model.batch_size)
+    batches = [[texts[i] for i in batch] for batch in batches]
     pool = Threads(at_once)
     start.wait()
     begun = time.perf_counter()

@@ -70,7 +70,7 @@ class Coverage:
         return [[missing[i] for i in batch] for batch in batches]
 
     def embed_batch(self, batch: list[str]) -> dict[str, Embedded]:
-        """Vectors of one batch of sentences (tokens counted for the cache)."""
+        """Vectors of one batch of sentences, with the tokens `plan` counted (for the cache)."""
         vectors = self.embedder.embed(batch)
         return {s: Embedded(v, 1, self._tokens[s]) for s, v in zip(batch, vectors)}
 
