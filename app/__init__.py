@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING
 
 from flask import Flask, Response, request
 
-from pipeline.embed import BUNDLED_MODEL, Embedder, EmbeddingCache, FastEmbedModel
+from pipeline.cache import EmbeddingCache
+from pipeline.embed import BUNDLED_MODEL, Embedder, FastEmbedModel
 from pipeline.offload import Offload
 from pipeline.runner import Defaults
 

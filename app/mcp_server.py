@@ -36,7 +36,8 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from pipeline.cluster import members
-from pipeline.embed import Embedder, EmbeddingCache, FastEmbedModel, ModelUnavailable
+from pipeline.cache import EmbeddingCache
+from pipeline.embed import Embedder, FastEmbedModel, ModelUnavailable
 from pipeline.offload import Offload, Threads
 from pipeline.runner import CLUSTERING, EMBEDDING, MMR, SELECTION, run
 from pipeline.types import DedupeRequest, Result, StageError, StageEvent

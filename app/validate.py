@@ -16,7 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.embed import Embedder, EmbeddingCache, ModelUnavailable, tokens_to_embed
+from pipeline.cache import EmbeddingCache, tokens_to_embed
+from pipeline.embed import Embedder, ModelUnavailable
 from pipeline.types import GUARDS, LINKAGES, SELECTIONS, Chunk, DedupeRequest
 
 from .config import Config

@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.distance import distance_matrix
-from pipeline.embed import BUNDLED_MODEL, EmbeddingCache, FastEmbedModel
+from pipeline.cache import EmbeddingCache
+from pipeline.embed import BUNDLED_MODEL, FastEmbedModel
 from pipeline.offload import Threads
 from pipeline.guards import apply_number_guard
 from pipeline.profiles import GO_THRESHOLD, coverage_threshold, model_threshold

@@ -21,7 +21,8 @@ from typing import Sequence
 import numpy as np
 
 from .distance import MAX_DISTANCE, cross_distances
-from .embed import Embedded, Embedder, EmbeddingCache, length_sorted_batches
+from .cache import Embedded, EmbeddingCache
+from .embed import Embedder, length_sorted_batches
 from .guards import NumberGuard
 from .segment import units, windows
 

@@ -22,11 +22,10 @@ import numpy as np
 
 from .cluster import Clustering, members
 from .coverage import Coverage
+from .cache import Embedded, EmbeddingCache
 from .embed import (
     BUNDLED_MODEL,
     Embedder,
-    Embedded,
-    EmbeddingCache,
     ModelUnavailable,
     l2_normalise,
     length_sorted_batches,

@@ -5,9 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from pipeline.cache import Embedded, EmbeddingCache
 from pipeline.embed import (
-    Embedded,
-    EmbeddingCache,
     FastEmbedModel,
     ModelUnavailable,
     bundled_model_dir,

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.embed import EmbeddingCache, l2_normalise
+from pipeline.cache import EmbeddingCache
+from pipeline.embed import l2_normalise
 from pipeline.offload import INLINE, Threads
 from pipeline.runner import Defaults, drain, run
 from pipeline.types import Chunk, DedupeRequest, Result, StageError, StageEvent

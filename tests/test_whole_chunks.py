@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 
 from pipeline.coverage import covering_split
-from pipeline.embed import EmbeddingCache, l2_normalise
+from pipeline.cache import EmbeddingCache
+from pipeline.embed import l2_normalise
 from pipeline.runner import combine_windows, drain, plan_windows, run
 from pipeline.segment import units, windows
 from pipeline.types import Chunk, DedupeRequest, Result, StageEvent
@@ -159,7 +160,7 @@ def test_a_text_of_one_window_keeps_its_vector_and_a_long_one_counts_every_token
     plan = plan_windows([ARGPARSE], embedder)[0]
     assert len(plan) >= 3
     vectors = {w: v for w, v in zip([w for w, _ in plan], embedder.embed([w for w, _ in plan]))}
-    from pipeline.embed import Embedded
+    from pipeline.cache import Embedded
 
     combined = combine_windows(plan, {w: Embedded(v, 1, n) for (w, n), v in zip(plan, vectors.values())})
     expected = l2_normalise(sum(n * vectors[w].astype(np.float64) for w, n in plan)[None, :])[0]
