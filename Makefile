@@ -7,7 +7,7 @@ INSTALLED = $(VENV)/.installed
 # The client's tests also run a LangChain retriever (langchain-classic) and build its wheel.
 CLIENT_TEST = 'langchain-classic>=1,<2' 'setuptools>=68'
 
-.PHONY: install run test test-fuzz test-load bench eval-quality corpus clean image test-deploy
+.PHONY: install run test test-fuzz test-load bench eval-quality corpus clean image test-deploy docs
 
 install: $(INSTALLED)
 
@@ -17,6 +17,16 @@ $(INSTALLED): setup.cfg pyproject.toml client/pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	$(BIN)/python -m pip install --quiet -e './client[langchain,llama-index,haystack]' $(CLIENT_TEST)
 	touch $@
+
+# The documentation site (mkdocs.yml, docs/) into site/; --strict fails on a broken link or
+# anchor, a page missing from the nav or a missing picture. Open site/index.html.
+DOCS_INSTALLED = $(VENV)/.docs-installed
+$(DOCS_INSTALLED): $(INSTALLED) setup.cfg
+	$(BIN)/python -m pip install --quiet -e '.[docs]'
+	touch $@
+
+docs: $(DOCS_INSTALLED)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
 
 run: install
 	$(BIN)/gunicorn -c gunicorn.conf.py
@@ -65,4 +75,4 @@ test-deploy: install
 	DISTILL_IMAGE=$(DEPLOY_IMAGE) $(BIN)/python -m pytest -q -s tests/deploy_replicas.py
 
 clean:
-	rm -rf $(VENV) *.egg-info .pytest_cache
+	rm -rf $(VENV) *.egg-info .pytest_cache site

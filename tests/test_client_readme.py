@@ -1,4 +1,5 @@
-"""The README's "Python client" snippets, run as written against a real gunicorn."""
+"""The client's documented snippets (docs/client.md, and the README's three lines), run as
+written against a real gunicorn."""
 
 from __future__ import annotations
 
@@ -19,15 +20,14 @@ pytestmark = pytest.mark.e2e
 DOCUMENTED_URL = "http://localhost:8080"
 
 
-def section_blocks() -> list[tuple[str, str]]:
-    """(language, code) of each fenced block in the README's "Python client" section."""
-    readme = (ROOT / "README.md").read_text()
-    section = readme.split("\n## Python client\n", 1)[1].split("\n## ", 1)[0]
-    return re.findall(r"```(\w*)\n(.*?)```", section, re.S)
+def fenced_blocks(path: str) -> list[tuple[str, str]]:
+    """(language, code) of each fenced block in a Markdown file of the repository."""
+    return re.findall(r"```(\w*)\n(.*?)```", (ROOT / path).read_text(), re.S)
 
 
-BLOCKS = section_blocks()
+BLOCKS = fenced_blocks("docs/client.md")
 PYTHON = [code for language, code in BLOCKS if language == "python"]
+README_PYTHON = [code for language, code in fenced_blocks("README.md") if language == "python"]
 
 
 @pytest.fixture(scope="module")
@@ -37,18 +37,19 @@ def url():
     running.stop()
 
 
-def test_the_section_has_a_snippet_per_framework():
+def test_the_page_has_a_snippet_per_framework():
     imports = " ".join(PYTHON)
     for module in ("distill_client import", "distill_client.langchain", "distill_client.llama_index",
                    "distill_client.haystack"):
         assert module in imports
 
 
-@pytest.mark.parametrize("code", PYTHON, ids=["client", "langchain", "llama_index", "haystack"])
+@pytest.mark.parametrize("code", PYTHON + README_PYTHON,
+                         ids=["client", "langchain", "llama_index", "haystack", "readme"])
 def test_python_snippet_prints_what_its_last_comment_says(url, code):
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
-        exec(compile(code.replace(DOCUMENTED_URL, url), "README.md", "exec"), {})
+        exec(compile(code.replace(DOCUMENTED_URL, url), "snippet", "exec"), {})
     expected = code.rstrip().splitlines()[-1].split("  # ", 1)[1]
     assert printed.getvalue().splitlines()[-1] == expected
 
