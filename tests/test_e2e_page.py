@@ -144,6 +144,21 @@ def stream_result(server: Server, body: dict, headers: dict | None = None) -> di
     return parser.events[-1].json
 
 
+# What a person must never read on the page: a value the script failed to format.
+RAW_VALUES = ("[object Object]", "undefined", "NaN")
+ALL_TEXT = """
+() => [document.body.innerText, document.body.textContent,
+       ...[...document.querySelectorAll("[title], [aria-label], [alt]")].flatMap(
+         (el) => ["title", "aria-label", "alt"].map((name) => el.getAttribute(name) || ""))].join("\\n")
+"""
+
+
+def assert_legible(page) -> None:
+    """Nothing on the page, visible text, SVG titles and labels included, is a raw value."""
+    text = page.evaluate(ALL_TEXT)
+    assert [raw for raw in RAW_VALUES if raw in text] == [], text
+
+
 def five_body() -> dict:
     return {"chunks": [{"id": str(i + 1), "text": t} for i, t in enumerate(FIVE)], "explain": True}
 
@@ -194,6 +209,12 @@ def test_five_chunks_live_progress_duplicate_guard_and_map(visit, server):
     assert by_id["1"][0] == by_id["2"][0] != by_id["3"][0]
     assert [by_id[i][1] for i in "12345"] == ["kept", "dropped", "kept", "kept", "kept"]
     assert page.locator("#summary").inner_text().startswith("5 chunks in, 4 kept (19% fewer) in 4 clusters")
+
+    # Every stage's stats in words: the guard counts too ({"numbers": 1, "coverage": 0}).
+    clustering = page.locator("#stage-clustering-stats").inner_text()
+    assert "guarded by: numbers 1 ·" in clustering and "guarded pairs: 1" in clustering
+    assert page.locator("#stage-embedding-stats").inner_text().startswith("embedded: 5 · windows: 5 · tokens: ")
+    assert_legible(page)
 
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "page.png"), full_page=True)
@@ -250,6 +271,30 @@ def test_a_json_body_with_mmr_shows_the_mmr_stage_and_rows(visit):
     assert states.count("kept") == 2 and len(states) == 5
     assert "left out by MMR" in page.locator("#chunk-list").inner_text()
     assert "threshold 0.3" in page.locator("#summary").inner_text()
+    assert_legible(page)
+
+
+def test_a_frozen_prefix_and_vectors_only_are_legible_too(visit):
+    """Chunks with no text (their own vectors), a frozen cache prefix (no vector, off the map),
+    MMR and both guards asked for: every stat and row still reads as words and numbers."""
+    page = visit.open("/")
+    vectors = [[1, 0, 0], [0.99, 0.14, 0], [0, 1, 0], [0, 0, 1]]
+    body = {
+        "chunks": [{"id": "system", "text": "You answer from the documents below.", "cache_control": True}]
+        + [{"id": f"v{i}", "embedding": v, "score": 1 - i / 10} for i, v in enumerate(vectors)],
+        "options": {"preserve_cache_prefix": True},
+        "guards": ["numbers", "coverage"],
+        "target_k": 2,
+    }
+    visit.run(json.dumps(body))
+    visit.wait_for_result()
+    states = page.locator("li[data-chunk-id]").evaluate_all("items => items.map(i => i.dataset.state)")
+    assert states == ["kept", "kept", "dropped", "kept", "dropped"]
+    assert "Merged into chunk v0 at cosine distance 0.0" in page.locator('li[data-chunk-id="v1"]').inner_text()
+    assert "left out by MMR" in page.locator('li[data-chunk-id="v3"]').inner_text()
+    assert "frozen cache prefix" in page.locator('li[data-chunk-id="system"]').inner_text()
+    assert page.get_by_role("progressbar", name="embedding", exact=True).count() == 0
+    assert_legible(page)
 
 
 # --------------------------------------------------------------------------- errors

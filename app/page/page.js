@@ -102,8 +102,20 @@ function progress({ stage, progress: fraction, stats }) {
 
 function describeStats(stats) {
   return Object.entries(stats)
-    .map(([name, value]) => (name === "duration_ms" ? `${value} ms` : `${name.replaceAll("_", " ")}: ${value}`))
+    .map(([name, value]) => (name === "duration_ms" ? `${value} ms` : `${name.replaceAll("_", " ")}: ${statText(value)}`))
     .join(" · ");
+}
+
+/** A stat as a person reads it: a count per name ({"numbers": 1, "coverage": 0}) as
+ * "numbers 1" (zero counts left out), a list joined, never a raw object or "undefined". */
+function statText(value) {
+  if (value === null || value === undefined) return "none";
+  if (Array.isArray(value)) return value.length ? value.map(statText).join(", ") : "none";
+  if (typeof value === "object") {
+    const counts = Object.entries(value).filter(([, count]) => count !== 0);
+    return counts.length ? counts.map(([name, count]) => `${name.replaceAll("_", " ")} ${statText(count)}`).join(", ") : "none";
+  }
+  return String(value);
 }
 
 const plural = (count, one, many) => `${count} ${count === 1 ? one : many}`;
