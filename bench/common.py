@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -36,7 +38,13 @@ def seconds_for(fn: Callable[[], object], n: int, repeat: int) -> float:
     return time.perf_counter() - start
 
 
+RESULTS = Path(__file__).resolve().parent / "results"
+_recorded_this_run: set[str] = set()
+
+
 def table(title: str, header: list[str], rows: list[list[object]]) -> None:
+    """Print a markdown table and record it (see `record`)."""
+    record(title, header, rows, bench=_calling_bench())
     cells = [header] + [[_fmt(c) for c in row] for row in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
     print(f"\n### {title}\n")
@@ -44,6 +52,34 @@ def table(title: str, header: list[str], rows: list[list[object]]) -> None:
     print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
     for row in cells[1:]:
         print("| " + " | ".join(c.rjust(w) for c, w in zip(row, widths)) + " |")
+
+
+def record(title: str, header: list[str], rows: list[list[object]], bench: str) -> None:
+    """Keep a printed table as JSON in bench/results/<bench>.json, so the docs' figures are
+    drawn from what a benchmark measured (`make docs-figures`), never from typed-in numbers.
+    A bench's first table in a run replaces the file; later ones are added to it."""
+    path = RESULTS / f"{bench.removeprefix('bench.')}.json"
+    if bench in _recorded_this_run:
+        results = json.loads(path.read_text())
+    else:
+        command = f"python -m {bench}"
+        results = {"command": command, "machine": machine(), "date": time.strftime("%Y-%m-%d"), "tables": []}
+        _recorded_this_run.add(bench)
+    results["tables"].append({"title": title, "header": header, "rows": rows})
+    RESULTS.mkdir(exist_ok=True)
+    path.write_text(json.dumps(results, indent=1, default=_plain) + "\n")
+
+
+def _plain(value: object) -> object:
+    """numpy scalars as the Python numbers they hold."""
+    return value.item() if hasattr(value, "item") else str(value)
+
+
+def _calling_bench() -> str:
+    """The module that called `table` (`bench.x`, also when run as `python -m bench.x`)."""
+    caller = sys._getframe(2).f_globals
+    spec = caller.get("__spec__")
+    return spec.name if spec is not None else caller["__name__"]
 
 
 def _fmt(value: object) -> str:

@@ -1,7 +1,7 @@
 """The in-process pipeline on supplied vectors, next to the bare float32 all-pairs product.
 
-Each case runs in its own subprocess (`python -m bench.pipeline_bench KIND N D DUPS
-THREADS`) so its peak RSS is its own: the child builds its input, resets the
+`python -m bench.pipeline_bench` prints the table (as `make bench` does). Each case
+runs in its own subprocess (`python -m bench.pipeline_bench KIND N D DUPS THREADS`) so its peak RSS is its own: the child builds its input, resets the
 kernel's high-water mark (/proc/self/clear_refs), runs, and reports VmHWM.
 
 "ours" is `run()` in Go mode (threshold 0.15, average linkage, target_k =
@@ -94,6 +94,8 @@ def _case(kind: str, n: int, d: int, dups: bool, threads: int) -> dict:
     return dict(result, seconds=seconds, peak_mb=int(peak_rss_mb([os.getpid()])))
 
 
-if __name__ == "__main__":
+if __name__ == "__main__" and len(sys.argv) == 1:
+    main()
+elif __name__ == "__main__":
     kind, n, d, dups, threads = sys.argv[1:]
     print(json.dumps(_case(kind, int(n), int(d), dups == "1", int(threads))))
