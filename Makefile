@@ -7,7 +7,8 @@ INSTALLED = $(VENV)/.installed
 # The client's tests also run a LangChain retriever (langchain-classic) and build its wheel.
 CLIENT_TEST = 'langchain-classic>=1,<2' 'setuptools>=68'
 
-.PHONY: install run test test-fuzz test-load bench eval-quality corpus clean image test-deploy docs
+.PHONY: install run test test-fuzz test-load bench eval-quality corpus clean image test-deploy docs docs-figures \
+	docs-screenshot
 
 install: $(INSTALLED)
 
@@ -27,6 +28,15 @@ $(DOCS_INSTALLED): $(INSTALLED) setup.cfg
 
 docs: $(DOCS_INSTALLED)
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
+
+# The plots in docs/images/, redrawn from the tables the benchmarks last recorded in
+# bench/results/ (`make bench`, `make eval-quality`, or one `python -m bench.<name>`).
+docs-figures: $(DOCS_INSTALLED)
+	$(BIN)/python -m bench.figures
+
+# The page's picture in docs/images/: Debian's Chromium on a real gunicorn.
+docs-screenshot: install
+	$(BIN)/python -m bench.screenshot
 
 run: install
 	$(BIN)/gunicorn -c gunicorn.conf.py
