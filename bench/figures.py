@@ -59,7 +59,7 @@ def latency_against_n() -> None:
         ax.set(xscale="log", yscale="log", xlabel="chunks per request (n)", title=f"d = {d}, two threads")
         ax.grid(True, which="major", alpha=0.3)
     axes[0].set_ylabel("milliseconds (log)")
-    axes[0].legend(frameon=False)
+    legend_on_top(figure, axes[0])
     save(figure, "latency-against-n.svg", table.source)
 
 
@@ -77,7 +77,7 @@ def model_mode_latency() -> None:
     ax.set(yscale="log", ylabel="server latency_ms (log)", xlabel="tokens per chunk",
            title=table.title.split(":")[0])
     ax.grid(True, axis="y", which="major", alpha=0.3)
-    ax.legend(frameon=False, loc="upper left", bbox_to_anchor=(1, 1))
+    legend_on_top(figure, ax)
     save(figure, "model-mode-latency.svg", table.source)
 
 
@@ -88,16 +88,17 @@ def stsb_quality() -> None:
     figure, axes = plt.subplots(1, 2, figsize=(9, 0.7 * len(settings) + 1.5), sharey=True)
     for ax, split in zip(axes, ("train", "dev")):
         rows = {r["setting"]: r for r in table.rows if r["split"] == split}
-        metrics = ("P", "R", "F1")
+        metrics = (("P", "precision"), ("R", "recall"), ("F1", "F1"))
         height = 0.8 / len(metrics)
-        for i, metric in enumerate(metrics):
+        for i, (metric, label) in enumerate(metrics):
             y = [j + (i - 1) * height for j in range(len(settings))]
-            ax.barh(y, [number(rows[s][metric]) for s in settings], height, label=metric)
-        ax.set(xlim=(0, 1), title=split, xlabel="share")
-        ax.invert_yaxis()
+            bars = ax.barh(y, [number(rows[s][metric]) for s in settings], height, label=label)
+            ax.bar_label(bars, [str(rows[s][metric]) for s in settings], padding=2, fontsize=7)
+        ax.set(xlim=(0, 1.1), title=split, xlabel="share of pairs")
         ax.grid(True, axis="x", alpha=0.3)
-    axes[0].set_yticks(range(len(settings)), settings)
-    axes[1].legend(frameon=False, loc="lower right")
+    axes[0].invert_yaxis()  # the table's order, top down (the axes share y: invert once)
+    axes[0].set_yticks(range(len(settings)), [s.replace(": ", ":\n", 1) for s in settings])
+    legend_on_top(figure, axes[0])
     save(figure, "quality-stsb.svg", table.source)
 
 
@@ -112,19 +113,26 @@ def long_chunk_quality() -> None:
         width = 0.8 / len(rows)
         for i, row in enumerate(rows):
             x = [j + (i - (len(rows) - 1) / 2) * width for j in range(len(kinds))]
-            ax.bar(x, [number(row[k]) for k in kinds], width, label=row["setting"])
+            bars = ax.bar(x, [number(row[k]) for k in kinds], width, label=row["setting"])
+            ax.bar_label(bars, [str(row[k]) for k in kinds], padding=1, fontsize=7)
         ax.set_xticks(range(len(kinds)), [k.replace(": ", ":\n").replace(" ", "\n", 1) for k in kinds], fontsize=8)
-        ax.set(ylim=(0, 1.05), title="held out" if split == "eval" else split)
+        ax.set(ylim=(0, 1.1), title="held out" if split == "eval" else split)
         ax.grid(True, axis="y", alpha=0.3)
     axes[0].set_ylabel("share of pairs answered right")
-    axes[0].legend(frameon=False, loc="lower left", fontsize=8)
+    legend_on_top(figure, axes[0])
     save(figure, "quality-long-chunks.svg", table.source)
+
+
+def legend_on_top(figure, ax) -> None:
+    """One legend for the figure, in a row above the plots, where it hides no bar."""
+    handles, labels = ax.get_legend_handles_labels()
+    figure.legend(handles, labels, loc="upper center", ncols=len(labels), frameon=False)
 
 
 def save(figure, name: str, source: str) -> None:
     """Write the figure with the command and run it came from in its bottom line."""
     figure.text(0.01, 0.005, f"Source: {source}", fontsize=7, color="#444444")
-    figure.tight_layout(rect=(0, 0.04, 1, 1))
+    figure.tight_layout(rect=(0, 0.04, 1, 0.93))
     IMAGES.mkdir(parents=True, exist_ok=True)
     figure.savefig(IMAGES / name, metadata={"Date": None})
     plt.close(figure)
