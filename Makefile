@@ -7,7 +7,7 @@ INSTALLED = $(VENV)/.installed
 # The client's tests also run a LangChain retriever (langchain-classic) and build its wheel.
 CLIENT_TEST = 'langchain-classic>=1,<2' 'setuptools>=68'
 
-.PHONY: install run test test-fuzz test-load bench eval-quality corpus clean image test-deploy docs docs-figures \
+.PHONY: install run test redis test-fuzz test-load bench eval-quality corpus clean image test-deploy docs docs-figures \
 	docs-screenshot
 
 install: $(INSTALLED)
@@ -41,8 +41,13 @@ docs-screenshot: install
 run: install
 	$(BIN)/gunicorn -c gunicorn.conf.py
 
-test: install
+test: install redis
 	$(BIN)/python -m pytest -q
+
+# The shared embedding cache's tests start Debian's redis-server themselves.
+redis:
+	command -v redis-server >/dev/null || \
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server; }
 
 test-fuzz: install
 	$(BIN)/python -m pytest -q tests/fuzz_gunicorn.py

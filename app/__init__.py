@@ -21,10 +21,10 @@ from .api import api
 from .openapi import openapi
 from .page import page
 from .auth import check_api_key
-from .config import MIB, Config, load_config, request_defaults
+from .config import Config, embedding_cache, load_config, request_defaults
 from .errors import register_error_handlers
 from .intake import BODY_READ, TICKET, Intake, discard_rest
-from .metrics import init_metrics
+from .metrics import CACHE_METRICS, init_metrics
 from .offload import CpuPool
 from .parsing import BodyParser
 from .tracing import init_tracing
@@ -68,12 +68,13 @@ def create_app(
     app = Flask(__name__, static_folder=None)  # an API: no /static route
     app.config["MAX_CONTENT_LENGTH"] = config.max_body_bytes
     app.json.sort_keys = False  # Go's struct order, never alphabetical
+    embedder = embedder or FastEmbedModel(config.embedding_model)
     app.extensions["distill"] = Service(
         config=config,
-        embedder=embedder or FastEmbedModel(config.embedding_model),
+        embedder=embedder,
         offload=CpuPool(),
         defaults=request_defaults(config),
-        cache=EmbeddingCache(config.embed_cache_mb * MIB),
+        cache=embedding_cache(config, embedder, CACHE_METRICS),
         intake=Intake(config.max_inflight_bytes),
         parser=BodyParser(config),
     )

@@ -10,11 +10,15 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable, Mapping
 
-from pipeline.embed import BUNDLED_MODEL
+from pipeline.cache import CacheEvents, EmbeddingCache, SharedLayer
+from pipeline.codec import model_identity
+from pipeline.embed import BUNDLED_MODEL, Embedder
 from pipeline.profiles import coverage_threshold, model_threshold
 from pipeline.runner import Defaults
+from pipeline.store import open_store
 
 MIB = 1024 * 1024
 
@@ -36,6 +40,10 @@ class Config:
     max_body_bytes: int = 64 * MIB
     max_inflight_bytes: int = 512 * MIB  # per worker: bodies taken in and not yet answered
     sse_heartbeat_s: float = 10.0
+    cache_url: str = ""  # the shared embedding store: "" the disk store, "none" no store, or redis[s]://
+    cache_dir: str = ""  # the disk store's directory ("": the user's cache directory, in distill/)
+    cache_disk_mb: int = 1024  # the disk store's files: ~600,000 windows or short texts
+    cache_ttl_s: int = 86_400  # Redis: an entry expires a day after it was last used
 
 
 def load_config(env: Mapping[str, str] | None = None) -> Config:
@@ -68,6 +76,10 @@ def load_config(env: Mapping[str, str] | None = None) -> Config:
         sse_heartbeat_s=read(
             "DISTILL_SSE_HEARTBEAT_S", _bounded(0, 3600, open_low=True), defaults.sse_heartbeat_s
         ),
+        cache_url=_cache_url(env.get("DISTILL_CACHE_URL", "").strip()),
+        cache_dir=read("DISTILL_CACHE_DIR", str, defaults.cache_dir),
+        cache_disk_mb=read("DISTILL_CACHE_DISK_MB", _positive_int, defaults.cache_disk_mb),
+        cache_ttl_s=read("DISTILL_CACHE_TTL_S", _positive_int, defaults.cache_ttl_s),
     )
 
 
@@ -79,6 +91,41 @@ def request_defaults(config: Config) -> Defaults:
         lambda_=config.lambda_,
         coverage_threshold=coverage_threshold(config.embedding_model),
     )
+
+
+def embedding_cache(config: Config, embedder: Embedder, events: CacheEvents | None = None) -> EmbeddingCache:
+    """The embedding cache every front end (HTTP, MCP) builds: this process's memory in
+    front of the store `DISTILL_CACHE_URL` names."""
+    store = open_store(config.cache_url, config.cache_dir, config.cache_disk_mb * MIB, config.cache_ttl_s)
+    shared = SharedLayer(store, partial(model_identity, embedder), events) if store is not None else None
+    return EmbeddingCache(config.embed_cache_mb * MIB, shared, events)
+
+
+def _cache_url(raw: str) -> str:
+    """"" (the disk store), "none", or a redis:// / rediss:// URL redis-py accepts; the
+    error names the variable and hides a password the URL holds."""
+    if raw.lower() in ("", "none"):
+        return raw.lower()
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(raw)
+        shown = raw.replace(parts.password, "***") if parts.password else raw
+    except ValueError:
+        parts, shown = None, "(unparseable)"
+    problem = "must be unset, 'none', or a redis:// or rediss:// URL with a host"
+    database = parts.path.removeprefix("/") if parts is not None else ""
+    if database and not database.isdigit():
+        problem = f"the database must be a number, not {database!r}"
+    elif parts is not None and parts.scheme in ("redis", "rediss") and parts.hostname:
+        from redis.connection import parse_url
+
+        try:
+            parse_url(raw)
+            return raw
+        except ValueError as exc:
+            problem = str(exc)
+    raise ConfigError(f"DISTILL_CACHE_URL={shown!r}: {problem}")
 
 
 def _keys(raw: str) -> tuple[str, ...]:

@@ -36,7 +36,6 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from pipeline.cluster import members
-from pipeline.cache import EmbeddingCache
 from pipeline.embed import Embedder, FastEmbedModel, ModelUnavailable
 from pipeline.offload import Offload, Threads
 from pipeline.runner import CLUSTERING, EMBEDDING, MMR, SELECTION, run
@@ -44,7 +43,7 @@ from pipeline.types import DedupeRequest, Result, StageError, StageEvent
 
 from . import __version__, jsonio
 from .auth import check_api_key
-from .config import MIB, Config, ConfigError, load_config, request_defaults
+from .config import Config, ConfigError, embedding_cache, load_config, request_defaults
 from .validate import ApiError, check_against_model, parse_request
 
 log = logging.getLogger("distill.mcp")
@@ -64,7 +63,7 @@ class DistillTools:
         self.embedder = embedder or FastEmbedModel(config.embedding_model)
         self.offload = offload or Threads()
         self.defaults = request_defaults(config)
-        self.cache = EmbeddingCache(config.embed_cache_mb * MIB)
+        self.cache = embedding_cache(config, self.embedder)
 
     def warm_up(self) -> None:
         """Load the model now, so the first call does not wait for it (a failure is the calls' to report)."""

@@ -58,6 +58,32 @@ STAGE_DURATION = Histogram(
     buckets=DURATION_BUCKETS,
 )
 EMBEDDED_TEXTS = Counter("distill_embedded_texts_total", "Texts the model embedded.")
+CACHE_LOOKUPS = Counter(
+    "distill_embedding_cache_lookups_total",
+    "Texts, windows and sentences looked up in each embedding cache layer.",
+    ["layer", "result"],
+)
+CACHE_ERRORS = Counter(
+    "distill_embedding_cache_errors_total",
+    "Shared embedding store faults, each answered as a miss.",
+    ["layer"],
+)
+
+
+class CacheMetrics:
+    """The embedding cache's events (`pipeline.cache.CacheEvents`) as the counters above."""
+
+    def lookups(self, layer: str, hits: int, misses: int) -> None:
+        if hits:
+            CACHE_LOOKUPS.labels(layer, "hit").inc(hits)
+        if misses:
+            CACHE_LOOKUPS.labels(layer, "miss").inc(misses)
+
+    def faults(self, layer: str, count: int) -> None:
+        CACHE_ERRORS.labels(layer).inc(count)
+
+
+CACHE_METRICS = CacheMetrics()
 
 _STARTED = "distill.started"
 _DEFERRED = "distill.deferred"

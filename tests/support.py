@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -113,7 +114,7 @@ class FaultInjectingModel:
     def __getattr__(self, name):  # dim, window_tokens, count_tokens, token_spans
         return getattr(self.model, name)
 
-    def embed(self, texts):
+    def encode(self, texts):
         raise RuntimeError("injected fault")
 
 
@@ -129,11 +130,13 @@ class Server:
     def __init__(self, root: Path = ROOT, **env: str):
         self.root = root  # the checkout whose gunicorn.conf.py and packages run
         self.port = free_port()
+        self._cache_dir = tempfile.TemporaryDirectory(prefix="distill-cache-")  # unless env names one
         self.env = {
             **os.environ,
             "HOST": "127.0.0.1",
             "PORT": str(self.port),
             "WEB_CONCURRENCY": "1",
+            "DISTILL_CACHE_DIR": self._cache_dir.name,
             **env,
         }
         self.env.pop("PROMETHEUS_MULTIPROC_DIR", None)
@@ -164,6 +167,7 @@ class Server:
                 self.process.kill()
         self.log.close()
         Path(self.log.name).unlink(missing_ok=True)
+        self._cache_dir.cleanup()
 
     def output(self) -> str:
         self.log.flush()
@@ -235,3 +239,46 @@ def read_events(response: http.client.HTTPResponse, parser: SSEParser, until=Non
             seen.append(event)
             if until is not None and until(event):
                 return seen
+
+
+class RedisServer:
+    """Debian's `redis-server` on 127.0.0.1 and a free port, without persistence."""
+
+    def __init__(self):
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self._dir = tempfile.TemporaryDirectory(prefix="distill-redis-")
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> "RedisServer":
+        import redis
+
+        self.process = subprocess.Popen(
+            ["redis-server", "--bind", "127.0.0.1", "--port", str(self.port), "--save", "",
+             "--appendonly", "no", "--dir", self._dir.name],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        client = redis.Redis.from_url(self.url)
+        for _ in range(100):  # up to ~10 s to answer
+            if self.process.poll() is not None:
+                raise RuntimeError("redis-server exited")
+            try:
+                client.ping()
+                return self
+            except redis.ConnectionError:
+                time.sleep(0.1)
+        raise RuntimeError("redis-server did not answer")
+
+    def client(self):
+        import redis
+
+        return redis.Redis.from_url(self.url)
+
+    def kill(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+    def stop(self) -> None:
+        self.kill()
+        self._dir.cleanup()
