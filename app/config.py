@@ -12,6 +12,7 @@ import os
 from dataclasses import dataclass
 from functools import partial
 from typing import Callable, Mapping
+from urllib.parse import urlsplit
 
 from pipeline.cache import CacheEvents, EmbeddingCache, SharedLayer
 from pipeline.codec import model_identity
@@ -102,30 +103,29 @@ def embedding_cache(config: Config, embedder: Embedder, events: CacheEvents | No
 
 
 def _cache_url(raw: str) -> str:
-    """"" (the disk store), "none", or a redis:// / rediss:// URL redis-py accepts; the
-    error names the variable and hides a password the URL holds."""
+    """"" (the disk store), "none", or redis[s]://[[user]:password@]host[:port][/db]; the
+    error names the variable and hides a password the URL holds. (Checked here rather
+    than by redis-py, whose import in gunicorn's master would precede gevent's patching.)"""
     if raw.lower() in ("", "none"):
         return raw.lower()
-    from urllib.parse import urlsplit
-
     try:
         parts = urlsplit(raw)
         shown = raw.replace(parts.password, "***") if parts.password else raw
     except ValueError:
-        parts, shown = None, "(unparseable)"
-    problem = "must be unset, 'none', or a redis:// or rediss:// URL with a host"
-    database = parts.path.removeprefix("/") if parts is not None else ""
+        raise ConfigError(f"DISTILL_CACHE_URL: {_URL_FORM}") from None
+    try:
+        parts.port  # noqa: B018 (raises ValueError if not a number)
+    except ValueError:
+        raise ConfigError(f"DISTILL_CACHE_URL={shown!r}: the port must be a number") from None
+    database = parts.path.removeprefix("/")
+    if parts.scheme not in ("redis", "rediss") or not parts.hostname or parts.query or parts.fragment:
+        raise ConfigError(f"DISTILL_CACHE_URL={shown!r}: {_URL_FORM}")
     if database and not database.isdigit():
-        problem = f"the database must be a number, not {database!r}"
-    elif parts is not None and parts.scheme in ("redis", "rediss") and parts.hostname:
-        from redis.connection import parse_url
+        raise ConfigError(f"DISTILL_CACHE_URL={shown!r}: the database must be a number, not {database!r}")
+    return raw
 
-        try:
-            parse_url(raw)
-            return raw
-        except ValueError as exc:
-            problem = str(exc)
-    raise ConfigError(f"DISTILL_CACHE_URL={shown!r}: {problem}")
+
+_URL_FORM = "must be unset, 'none', or redis[s]://[[user]:password@]host[:port][/db]"
 
 
 def _keys(raw: str) -> tuple[str, ...]:

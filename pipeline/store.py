@@ -216,23 +216,35 @@ class RedisStore:
     PREFIX = b"distill:embedding:"
 
     def __init__(self, url: str, ttl_s: int, timeout_s: float = STORE_TIMEOUT_S):
-        import redis
-        from redis.backoff import NoBackoff
-        from redis.retry import Retry
+        self.url, self.ttl_s, self.timeout_s = url, ttl_s, timeout_s
+        self._clients: dict[int, object] = {}
 
-        self.ttl_s = ttl_s
-        self._client = redis.Redis.from_url(
-            url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, retry=Retry(NoBackoff(), 0)
-        )
+    def _client(self):
+        """This OS thread's client: under gevent a connection opened on one thread cannot be
+        used from another (the event loop's and the CPU pool's both look entries up); the
+        greenlets of one thread share its connection pool."""
+        thread = threading.get_native_id()
+        client = self._clients.get(thread)
+        if client is None:
+            import redis
+            from redis.backoff import NoBackoff
+            from redis.retry import Retry
+
+            client = redis.Redis.from_url(
+                self.url, socket_timeout=self.timeout_s, socket_connect_timeout=self.timeout_s,
+                retry=Retry(NoBackoff(), 0),
+            )
+            self._clients[thread] = client
+        return client
 
     def get_many(self, keys: Sequence[bytes]) -> dict[bytes, bytes]:
-        pipe = self._client.pipeline(transaction=False)
+        pipe = self._client().pipeline(transaction=False)
         for key in keys:
             pipe.getex(self._name(key), ex=self.ttl_s)
         return {key: value for key, value in zip(keys, pipe.execute()) if value is not None}
 
     def put_many(self, values: dict[bytes, bytes]) -> None:
-        pipe = self._client.pipeline(transaction=False)
+        pipe = self._client().pipeline(transaction=False)
         for key, value in values.items():
             pipe.set(self._name(key), value, ex=self.ttl_s)
         pipe.execute()
