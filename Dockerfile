@@ -16,7 +16,9 @@ RUN python3 -c "import configparser; c = configparser.ConfigParser(); c.read('/s
 
 # Stage 2: the service. One layer of dependencies, one of code.
 FROM ${BASE}
-RUN useradd --no-log-init --no-create-home --uid 10001 --user-group --shell /usr/sbin/nologin distill
+# /var/cache/distill: the embedding cache's disk store (DISTILL_CACHE_DIR; a volume there keeps it).
+RUN useradd --no-log-init --no-create-home --uid 10001 --user-group --shell /usr/sbin/nologin distill \
+    && install --directory --owner distill --group distill /var/cache/distill
 COPY --from=deps /opt/distill /opt/distill
 WORKDIR /srv/distill
 COPY . ./
@@ -27,6 +29,7 @@ ENV PATH=/opt/distill/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     ORT_DISABLE_TELEMETRY=1 \
+    DISTILL_CACHE_DIR=/var/cache/distill \
     PORT=8080
 USER 10001:10001
 

@@ -76,9 +76,10 @@ image:
 	$(ENGINE) build $(if $(filter podman,$(ENGINE)),--format docker) \
 		$(if $(BASE),--build-arg BASE=$(BASE)) --tag $(IMAGE) .
 
-# Three replicas of the image behind nginx, on a local Debian base (see README, Deploy).
+# Three replicas of the image behind nginx, sharing a Redis container, on a local Debian base.
 DEPLOY_BASE = localhost/distill-base:bookworm
 DEPLOY_IMAGE = localhost/distill:test
+DEPLOY_REDIS_IMAGE = localhost/distill-redis:test
 test-deploy: export CONTAINERS_CONF = $(CURDIR)/deploy/podman/containers.conf
 test-deploy: install
 	BASE_IMAGE=$(DEPLOY_BASE) deploy/podman/setup.sh
@@ -87,7 +88,9 @@ test-deploy: install
 	echo "image $(DEPLOY_IMAGE) built in $$(( $$(date +%s) - started )) s:" \
 		"$$(podman image inspect --format '{{.Size}}' $(DEPLOY_IMAGE) | awk '{printf "%.0f MB", $$1 / 1e6}')," \
 		"base $$(podman image inspect --format '{{.Size}}' $(DEPLOY_BASE) | awk '{printf "%.0f MB", $$1 / 1e6}')"
-	DISTILL_IMAGE=$(DEPLOY_IMAGE) $(BIN)/python -m pytest -q -s tests/deploy_replicas.py
+	podman build --quiet --format docker --build-arg BASE=$(DEPLOY_BASE) --tag $(DEPLOY_REDIS_IMAGE) \
+		--file deploy/podman/redis.Containerfile deploy/podman >/dev/null
+	DISTILL_IMAGE=$(DEPLOY_IMAGE) DISTILL_REDIS_IMAGE=$(DEPLOY_REDIS_IMAGE) $(BIN)/python -m pytest -q -s tests/deploy_replicas.py
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache site

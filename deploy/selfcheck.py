@@ -5,9 +5,10 @@ time (a broken image fails its build) and in `make test-deploy` under
 `--network none`. Exits non-zero with one line when anything is wrong.
 """
 
+import dataclasses
 import sys
 
-from app import create_app
+from app import create_app, load_config
 
 CHUNKS = [
     {"id": "a", "text": "The river flooded the valley after three days of rain.", "score": 0.9},
@@ -17,7 +18,8 @@ CHUNKS = [
 
 
 def main() -> int:
-    response = create_app().test_client().post("/v1/dedupe", json={"chunks": CHUNKS})
+    config = dataclasses.replace(load_config(), cache_url="none")  # the model itself, and no store in the image
+    response = create_app(config).test_client().post("/v1/dedupe", json={"chunks": CHUNKS})
     body = response.get_json(silent=True) or {}
     kept = [c["id"] for c in body.get("chunks", [])]
     if response.status_code != 200 or kept != ["a", "c"]:

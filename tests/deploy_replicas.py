@@ -5,8 +5,10 @@ prepares all three. Every replica and nginx listen on 127.0.0.1 only. The
 replicas run as Kubernetes runs them: read-only root filesystem, writable
 memory-backed directories for /tmp and the metrics, no capabilities.
 
-Run alone (`-s` prints the figures): the tests share the replicas and run in
-file order (spread, rolling restart, SIGKILL, no network).
+The replicas share a Redis container (Debian's redis-server on the same base) as
+their embedding cache. Run alone (`-s` prints the figures): the tests share the
+replicas and run in file order (spread, the cache across replicas, rolling
+restart, SIGKILL, no network).
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ import pytest
 from tests.support import ROOT, SSEParser, free_port, parse_metrics, synthetic_texts
 
 IMAGE = os.environ.get("DISTILL_IMAGE", "localhost/distill:test")
+REDIS_IMAGE = os.environ.get("DISTILL_REDIS_IMAGE", "localhost/distill-redis:test")
+REDIS_PORT = free_port()  # the replicas' shared embedding cache (a container on the host network)
 REPLICAS = 3
 PREFIX = f"distill-deploy-{os.getpid()}"
 READY_TIMEOUT_S = 180  # a cold start on a busy 2-core machine
@@ -74,6 +78,7 @@ class Replica:
             "--cap-drop", "ALL", "--security-opt", "no-new-privileges",
             "--env", "HOST=127.0.0.1", "--env", f"PORT={self.port}", "--env", "WEB_CONCURRENCY=1",
             "--env", "PROMETHEUS_MULTIPROC_DIR=/run/distill/metrics",
+            "--env", f"DISTILL_CACHE_URL=redis://127.0.0.1:{REDIS_PORT}/0",
             IMAGE,
         )
 
@@ -191,7 +196,23 @@ class Balancer:
 
 
 @pytest.fixture(scope="module")
-def replicas():
+def cache_server():
+    """Redis for the replicas' shared embedding cache, as a container of the same base."""
+    name = f"{PREFIX}-redis"
+    podman(
+        "run", "--detach", "--name", name, "--network", "host", "--read-only",
+        "--cap-drop", "ALL", "--security-opt", "no-new-privileges",
+        REDIS_IMAGE, "redis-server", "--bind", "127.0.0.1", "--port", str(REDIS_PORT),
+        "--save", "", "--appendonly", "no", "--maxmemory", "256mb", "--maxmemory-policy", "allkeys-lru",
+    )
+    try:
+        yield name
+    finally:
+        podman("rm", "--force", "--time", "0", name, check=False)
+
+
+@pytest.fixture(scope="module")
+def replicas(cache_server):
     started = [Replica(i) for i in range(REPLICAS)]
     try:
         for replica in started:
@@ -313,6 +334,34 @@ def test_streams_and_requests_spread_over_every_replica(replicas, balancer):
         grew = replica.requests_served() - was
         print(f"\ndeploy: replica {replica.index} served {dict(grew)}")
         assert grew["/v1/dedupe"] > 0 and grew["/v1/dedupe/stream"] > 0, replica.name
+
+
+def cache_lookups(replica: Replica) -> Counter:
+    """distill_embedding_cache_lookups_total by (layer, result), from the replica's /metrics."""
+    status, body = http_request(replica.port, "GET", "/metrics", timeout=10)
+    assert status == 200
+    return Counter({
+        (dict(labels)["layer"], dict(labels)["result"]): value
+        for (name, labels), value in parse_metrics(body.decode()).items()
+        if name == "distill_embedding_cache_lookups_total"
+    })
+
+
+def test_a_request_answered_cold_by_one_replica_is_answered_from_redis_by_another(replicas):
+    first, second = replicas[1], replicas[2]
+    body = {"chunks": [{"id": str(i), "text": t} for i, t in enumerate(long_texts(8, seed=77_000))]}
+    before = cache_lookups(second)
+    answers = []
+    for replica in (first, second):
+        status, raw = http_request(replica.port, "POST", "/v1/dedupe", body)
+        assert status == 200, raw
+        answer = json.loads(raw)
+        answer["stats"].pop("latency_ms")
+        answers.append(answer)
+    grew = cache_lookups(second) - before
+    print(f"\ndeploy: the second replica's lookups for a request the first embedded: {dict(grew)}")
+    assert answers[0] == answers[1]
+    assert grew["redis", "hit"] > 0 and grew["redis", "miss"] == 0  # nothing left for its model
 
 
 class StreamLoad:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from app.config import Config
+from app.config import Config, load_config
 from tests.support import ROOT
 
 KUBERNETES = ROOT / "deploy" / "kubernetes"
@@ -201,3 +201,31 @@ class TestNginxExample:
         run = subprocess.run(["nginx", "-t", "-q", "-e", "stderr", "-c", str(config)],
                              capture_output=True, text=True)
         assert run.returncode == 0, run.stderr
+
+
+def test_the_pods_disk_cache_fits_its_volume_twice():
+    """The store and one damaged store set aside both fit the cache volume."""
+    pod = manifest("Deployment")["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    env = {e["name"]: e["value"] for e in container["env"]}
+    mount = next(m for m in container["volumeMounts"] if m["mountPath"] == env["DISTILL_CACHE_DIR"])
+    volume = next(v for v in pod["volumes"] if v["name"] == mount["name"])
+    size_limit = volume["emptyDir"]["sizeLimit"]
+    assert "medium" not in volume["emptyDir"]  # on disk, not in the pod's memory
+    assert int(size_limit.removesuffix("Mi")) >= 2 * int(env["DISTILL_CACHE_DISK_MB"])
+
+
+def test_the_redis_overlay_points_every_replica_at_its_service():
+    overlay = ROOT / "deploy" / "kubernetes-redis"
+    kustomization = yaml.safe_load((overlay / "kustomization.yaml").read_text())
+    run = subprocess.run([tool("kubernetes-validate"), "--strict", str(overlay / "valkey.yaml")],
+                         capture_output=True, text=True)
+    assert run.returncode == 0 and run.stdout.count("passed") == 2, run.stdout + run.stderr
+    assert kustomization["resources"] == ["../kubernetes", "valkey.yaml"]
+    (patch,) = kustomization["patches"]
+    (operation,) = yaml.safe_load(patch["patch"])
+    url = operation["value"]["value"]
+    assert operation["value"]["name"] == "DISTILL_CACHE_URL"
+    assert load_config({"DISTILL_CACHE_URL": url}).cache_url == url
+    service = next(d for d in yaml.safe_load_all((overlay / "valkey.yaml").read_text()) if d["kind"] == "Service")
+    assert url == f"redis://{service['metadata']['name']}:{service['spec']['ports'][0]['port']}/0"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import math
+import sys
 
 import numpy as np
 import pytest
@@ -551,3 +552,165 @@ def test_dumps_round_trips_float_and_int_scores_exactly():
     for value in [0.9, 0.1 + 0.2, 3, -7, 2**63 - 1, 123456.789e-10]:
         assert jsonio.loads(jsonio.dumps({"v": value}))["v"] == value
         assert type(jsonio.loads(jsonio.dumps({"v": value}))["v"]) is type(value)
+
+
+# --------------------------------------------------------------------------- jsonio.RequestDecoder: orjson's values
+
+
+def same_values(fast, reference) -> bool:
+    """`fast` (the decoder's) equals `reference` (orjson's), a vector array standing for
+    its list of numbers bit for bit; every other value of the same type."""
+    if isinstance(fast, np.ndarray):
+        numbers = isinstance(reference, list) and all(type(v) in (int, float) for v in reference)
+        return numbers and fast.dtype == np.float64 and np.array_equal(
+            fast.view(np.uint64), np.array(reference, dtype=np.float64).view(np.uint64)
+        )
+    if type(fast) is not type(reference):
+        return False
+    if isinstance(fast, dict):
+        return list(fast) == list(reference) and all(same_values(fast[k], reference[k]) for k in fast)
+    if isinstance(fast, list):
+        return len(fast) == len(reference) and all(map(same_values, fast, reference))
+    if isinstance(fast, float):
+        return math.copysign(1, fast) == math.copysign(1, reference) and fast == reference
+    return fast == reference
+
+
+def assert_decodes_as_orjson(raw: bytes) -> None:
+    try:
+        reference = ("ok", jsonio.loads(raw))
+    except jsonio.JSONError as exc:
+        reference = ("error", str(exc))
+    try:
+        fast = ("ok", jsonio.RequestDecoder().loads(raw))
+    except jsonio.JSONError as exc:
+        fast = ("error", str(exc))
+    assert fast[0] == reference[0], raw[:200]
+    if fast[0] == "error":
+        assert fast[1] == reference[1]
+    else:
+        assert same_values(fast[1], reference[1]), raw[:200]
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'{"chunks": [{"id": "1", "embedding": [0.1, -2, 3e-5, -0.0, 0, 1E+2]}], "query_embedding": [1]}',
+        b'{"chunks": [{"embedding": [1, 2]}, {"embedding": [[1], [2]]}]}',  # nested: flattened by simdjson
+        b'{"chunks": [{"embedding": [[], [1, 2]]}]}',
+        b'{"chunks": [{"embedding": [1, true]}, {"embedding": [null]}, {"embedding": ["1"]}, {"embedding": [{}]}]}',
+        b'{"chunks": [{"embedding": [9007199254740993, 1]}]}',  # past 2**53: an int, not a float
+        b'{"chunks": [{"embedding": [18446744073709551616]}]}',  # past 64 bits
+        b'{"chunks": [{"embedding": [1e400]}]}',
+        b'{"chunks": [{"embedding": [4.9e-324, 2.2250738585072011e-308, 1.7976931348623157e308]}]}',
+        b'{"chunks": [{"embedding": [0.1000000000000000055511151231257827021181583404541015625]}]}',
+        b'{"chunks": [{"text": "a [ b", "embedding": [1]}, {"text": "\\u005b", "embedding": [[1]]}]}',
+        b'{"chunks": [{"text": "\\\\u005b", "embedding": [[1]]}, {"id": "[", "embedding": [2]}]}',
+        b'{"chunks": [{"text": "a", "text": "b", "embedding": [1], "embedding": [[2]]}]}',  # repeated keys
+        b'{"chunks": [{"embedding": [1]}], "chunks": 5}',
+        b'{"a": {"x": 1, "x": [2]}, "chunks": [{"m": {"[": ["]"]}}]}',
+        b'\xef\xbb\xbf{"chunks": []}',
+        b'{"chunks": [{"text": "\\ud800", "embedding": [1]}]}',  # a lone surrogate
+        b'{"chunks": [{"text": "\xff"}]}',
+        b'{"chunks": [{"embedding": []}, {"embedding": ""}, {"embedding": null}, {"embedding": {}}]}',
+        b'[[1, 2], {"embedding": [1]}]',
+        b'[1, 2]',
+        b'"x"',
+        b"null",
+        b"",
+        b"{",
+        b'{"chunks": [1, "a", null, [1]]}',
+        b'{"chunks": [{"embedding": [1, 2]}]} x',
+        b'{"chunks": [{"embedding": [1, 2,]}]}',
+        b'{"chunks": [{"embedding": [01]}]}',
+        b'{"chunks": [{"embedding": [NaN]}]}',
+        b'{"chunks": [{"score": -0, "s2": -0.0, "s3": 1.5e3, "big": 12345678901234567890}]}',
+        b" \t\r\n{\"chunks\" : [ { \"embedding\" : [ 1 , 2 ] } ] } \n",
+    ],
+)
+def test_the_request_decoder_gives_orjsons_values_or_its_error(raw):
+    assert_decodes_as_orjson(raw)
+
+
+@pytest.mark.parametrize("depth", [1024, 1025])  # orjson's limit: deeper is an error
+def test_the_request_decoder_nests_as_deep_as_orjson(depth):
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(10_000)  # for the comparison's recursion, not the decoder's
+    try:
+        assert_decodes_as_orjson(b"[" * depth + b"]" * depth)
+        assert_decodes_as_orjson(b'{"chunks": [{"m": ' + b"[" * (depth - 3) + b"]" * (depth - 3) + b"}]}")
+    finally:
+        sys.setrecursionlimit(limit)
+
+
+def test_the_request_decoder_agrees_with_orjson_on_random_bodies():
+    """Seeded random bodies built around what could differ: number forms, nested or mixed
+    vectors, brackets and escapes in strings, repeated keys; then a byte or two mutated."""
+    rng = np.random.default_rng(25)
+    atoms = [b"0", b"-0", b"-0.0", b"1", b"1.5", b"1e5", b"-2E-3", b"0.1234567890123456789", b"9007199254740993",
+             b"1e400", b"4.9e-324", b"true", b"null", b'"x"', b"[1]", b"[]", b"{}", b"[[2]]"]
+    strings = [b'"a"', b'"["', b'"\\u005b"', b'"\\\\u005b"', b'"\\ud800"', b'"\\u00e9"', b'"[[x]]"', b'""']
+
+    def vector() -> bytes:
+        if rng.random() < 0.7:
+            return b"[" + b", ".join(str(v).encode() for v in rng.normal(size=rng.integers(1, 6)).round(rng.integers(1, 18))) + b"]"
+        return b"[" + b",".join(atoms[i] for i in rng.integers(0, len(atoms), rng.integers(0, 4))) + b"]"
+
+    def chunk() -> bytes:
+        fields = [b'"embedding": ' + vector(), b'"text": ' + strings[rng.integers(len(strings))],
+                  b'"id": ' + strings[rng.integers(len(strings))], b'"score": ' + atoms[rng.integers(len(atoms))]]
+        if rng.random() < 0.1:
+            fields.append(fields[rng.integers(len(fields))])  # a repeated key
+        rng.shuffle(fields)
+        return b"{" + b", ".join(fields) + b"}"
+
+    for _ in range(3000):
+        raw = b'{"chunks": [' + b", ".join(chunk() for _ in range(rng.integers(1, 5))) + b'], "query_embedding": ' + vector() + b"}"
+        if rng.random() < 0.3:
+            raw = bytearray(raw)
+            for _ in range(rng.integers(1, 3)):
+                raw[rng.integers(len(raw))] = rng.choice(list(b'[]{},:"\\ 0e-.x'))
+            raw = bytes(raw)
+        assert_decodes_as_orjson(raw)
+
+
+def test_the_request_decoder_gives_arrays_for_vectors_not_lists():
+    decoded = jsonio.RequestDecoder().loads(b'{"chunks": [{"embedding": [1, 0.5]}], "query_embedding": [2]}')
+    assert isinstance(decoded["chunks"][0]["embedding"], np.ndarray)
+    assert isinstance(decoded["query_embedding"], np.ndarray)
+
+
+def test_one_decoder_decodes_body_after_body():
+    decoder = jsonio.RequestDecoder()
+    for n in (3, 300, 1):
+        raw = jsonio.dumps({"chunks": [{"id": str(i), "embedding": [i, 0.5]} for i in range(n)]})
+        assert [c["id"] for c in decoder.loads(raw)["chunks"]] == [str(i) for i in range(n)]
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_base64_fast_decoding_accepts_and_refuses_as_the_standard_library(seed):
+    """pybase64 first, the standard library for what it refuses: the same vectors and messages
+    as the standard library alone, on random strings near valid base64."""
+    from app.validate import _b64decode_exact, _from_base64
+
+    def reference(value: str):
+        raw = _b64decode_exact(value, "e")
+        if len(value) != 4 * -(-len(raw) // 3):
+            raise ApiError(400, "e is not valid base64 (extra padding)")
+        if len(raw) % 4:
+            raise ApiError(400, f"e must decode to whole float32 values ({len(raw)} bytes)")
+        return np.frombuffer(raw, dtype="<f4").astype(np.float32)
+
+    rng = np.random.default_rng(seed)
+    alphabet = list("AB+/=a9\n -_é")
+    for _ in range(20_000):
+        value = "".join(rng.choice(alphabet, size=rng.integers(0, 14)))
+        if rng.random() < 0.3:
+            value = b64(rng.normal(size=rng.integers(0, 4)))
+        outcomes = []
+        for decode in (reference, lambda v: _from_base64(v, "e")):
+            try:
+                outcomes.append(("ok", decode(value).tobytes()))
+            except ApiError as exc:
+                outcomes.append(("error", exc.message))
+        assert outcomes[0] == outcomes[1], value
