@@ -119,6 +119,8 @@ class _Census:
         if isinstance(chunks, simdjson.Array):
             self.arrays += 1
             out["chunks"] = [self._fields(c) if isinstance(c, simdjson.Object) else self.plain(c) for c in chunks]
+        elif "chunks" in out:
+            out["chunks"] = self.plain(chunks)  # (validation refuses it) no proxy outlives the parse
         return out
 
     def _fields(self, obj: "simdjson.Object", lazy: tuple[str, ...] = ()) -> dict:
