@@ -33,7 +33,11 @@ class Table:
 
     def __init__(self, bench: str, title_start: str):
         results = json.loads((RESULTS / f"{bench}.json").read_text())
-        table = next(t for t in results["tables"] if t["title"].startswith(title_start))
+        tables = [t for t in results["tables"] if t["title"].startswith(title_start)]
+        if not tables:
+            raise SystemExit(f"bench/results/{bench}.json has no table titled {title_start!r}…: "
+                             f"run `python -m bench.{bench}` to the end first")
+        table = tables[-1]
         self.title = table["title"]
         self.rows = [dict(zip(table["header"], row)) for row in table["rows"]]
         self.source = f"{results['command']}, {results['date']}; {results['machine']}"
@@ -72,7 +76,8 @@ def model_mode_latency() -> None:
     width = 0.8 / len(columns)
     for i, (column, label) in enumerate(columns):
         x = [j + (i - (len(columns) - 1) / 2) * width for j in range(len(table.rows))]
-        ax.bar(x, [number(r[column]) for r in table.rows], width, label=label)
+        bars = ax.bar(x, [number(r[column]) for r in table.rows], width, label=label)
+        ax.bar_label(bars, [str(r[column]) for r in table.rows], padding=1, fontsize=7)
     ax.set_xticks(range(len(table.rows)), [f"~{r['tokens/chunk']} tokens" for r in table.rows])
     ax.set(yscale="log", ylabel="server latency_ms (log)", xlabel="tokens per chunk",
            title=table.title.split(":")[0])
