@@ -374,3 +374,17 @@ def test_the_url_chooses_the_store(tmp_path):
     assert isinstance(open_store("", str(tmp_path), 1 << 20, 60), DiskStore)
     assert isinstance(open_store(f"redis://127.0.0.1:{free_port()}", str(tmp_path), 1 << 20, 60), RedisStore)
     assert not any(tmp_path.iterdir())  # opened lazily: nothing written yet
+
+
+def test_the_mcp_server_and_the_http_app_build_the_same_cache(embedder, tmp_path):
+    from app import create_app
+    from app.mcp_server import DistillTools
+
+    config = Config(cache_dir=str(tmp_path), cache_disk_mb=64)
+    caches = [DistillTools(config, embedder=embedder).cache, create_app(config, embedder=embedder).extensions["distill"].cache]
+    for cache in caches:
+        assert isinstance(cache.shared.store, DiskStore) and cache.shared.store.directory == tmp_path
+        assert cache.max_bytes == config.embed_cache_mb << 20
+    redis_config = Config(cache_url=f"redis://127.0.0.1:{free_port()}/0", cache_ttl_s=120)
+    assert DistillTools(redis_config, embedder=embedder).cache.shared.store.ttl_s == 120
+    assert DistillTools(Config(cache_url="none"), embedder=embedder).cache.shared is None
