@@ -107,7 +107,8 @@ def _read_request() -> tuple[float, DedupeRequest]:
     dedupe_request, validation_s = service.parser(body)
     del body
     started = time.perf_counter() - validation_s
-    service.offload(check_against_model, dedupe_request, service.embedder, service.cache, service.config)
+    if dedupe_request.needs_model:  # (else the check has nothing to do: no hand-off for it)
+        service.offload(check_against_model, dedupe_request, service.embedder, service.cache, service.config)
     return started, dedupe_request
 
 

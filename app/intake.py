@@ -22,6 +22,9 @@ from __future__ import annotations
 import socket
 
 import gevent
+import numpy as np
+from gunicorn.http.body import LengthReader
+from gunicorn.http.unreader import SocketUnreader
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from .validate import ApiError
@@ -79,34 +82,77 @@ class Ticket:
         self.held = 0
 
 
-def read_body(environ: dict, max_body_bytes: int, ticket: Ticket) -> bytearray:
+def read_body(environ: dict, max_body_bytes: int, ticket: Ticket) -> memoryview:
     """The whole body, read in pieces; a 413 past `max_body_bytes`, a 503 past the worker's bound."""
     length = _content_length(environ)
     if length is not None and length > max_body_bytes:
         raise RequestEntityTooLarge()
     if length is None and not environ.get("wsgi.input_terminated"):
-        return bytearray()  # no length and a server that cannot end the stream: read nothing
+        return memoryview(b"")  # no length and a server that cannot end the stream: read nothing
     if length is not None:
         ticket.take(length)
-    stream = environ["wsgi.input"]
-    if length is not None:
-        body, size = bytearray(length), 0  # filled in place: no copies as it grows
-        while size < length and (piece := _read_piece(stream, min(PIECE_BYTES, length - size))):
-            body[size : size + len(piece)] = piece
-            size += len(piece)
-            gevent.sleep(0)  # let the loop serve others between pieces
+        # One buffer of the declared size, filled in place. Not a bytearray: that zeroes all
+        # of it at once, on the loop (~20 ms for 35 MB); these pages are touched piece by piece.
+        body = memoryview(np.empty(length, dtype=np.uint8))
+        size = _fill(environ, body)
         if size < length:
             raise ApiError(400, f"request body ended after {size} of {length} bytes")
     else:
-        body = bytearray()
+        grown = bytearray()
+        stream = environ["wsgi.input"]
         while piece := _read_piece(stream, PIECE_BYTES):
-            if len(body) + len(piece) > max_body_bytes:
+            if len(grown) + len(piece) > max_body_bytes:
                 raise RequestEntityTooLarge()
             ticket.take(len(piece))
-            body += piece
+            grown += piece
             gevent.sleep(0)
+        body = memoryview(grown)
     environ[BODY_READ] = True
     return body
+
+
+def _fill(environ: dict, buffer: memoryview) -> int:
+    """Read the body into `buffer`, in pieces, the loop serving others in between; the
+    bytes read. Under gunicorn, straight from the socket: its own reader copies every
+    piece five times over (~20 ms of the loop's time for 17.5 MB)."""
+    stream, reader = environ["wsgi.input"], _gunicorn_length_reader(environ)
+    if reader is None:
+        size = 0
+        while size < len(buffer) and (piece := _read_piece(stream, min(PIECE_BYTES, len(buffer) - size))):
+            buffer[size : size + len(piece)] = piece
+            size += len(piece)
+            gevent.sleep(0)
+        return size
+    unreader = reader.unreader
+    held = unreader.take_buffered()  # what gunicorn read past the headers
+    size = min(len(held), len(buffer))
+    buffer[:size] = held[:size]
+    if len(held) > size:
+        unreader.unread(held[size:])  # past this body: the next request's
+    try:
+        while size < len(buffer):
+            received = unreader.sock.recv_into(buffer[size : size + PIECE_BYTES])
+            if not received:
+                break
+            size += received
+            gevent.sleep(0)
+    except OSError as exc:  # the client left
+        stream.failed = True  # gunicorn must not reuse the connection
+        raise ApiError(400, f"request body could not be read: {exc.__class__.__name__}") from None
+    finally:
+        reader.length -= size  # so gunicorn knows what is left of the body
+    return size
+
+
+def _gunicorn_length_reader(environ: dict):
+    """gunicorn's reader of a Content-Length body when nothing was read from it yet, else None."""
+    stream = environ["wsgi.input"]
+    reader = getattr(stream, "reader", None)
+    if not (isinstance(reader, LengthReader) and isinstance(reader.unreader, SocketUnreader)):
+        return None
+    if stream.buf.tell() or not hasattr(reader.unreader, "take_buffered"):
+        return None
+    return reader
 
 
 def discard_rest(environ: dict, budget: int) -> None:

@@ -90,6 +90,51 @@ def test_a_body_over_the_limit_is_a_413_before_parsing(limited, path, chunked, o
     assert server.get("/health")[0] == 200  # and the worker serves on
 
 
+@pytest.mark.parametrize("first_size", [300, 2_500_000], ids=["small-first", "big-first"])
+def test_requests_pipelined_on_one_connection_are_each_read_whole(limited, first_size):
+    """The body is read straight from the socket: what gunicorn had already read past the
+    headers counts, and bytes past the body (the next request) stay the next request's."""
+    server, limit = limited
+    first = padded_body(min(first_size, limit))
+    second = b'{"chunks":[{"id":"c","embedding":[0,1]}]}'
+    requests = b"".join(
+        b"POST /v1/dedupe HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+        for body in (first, second)
+    )
+    with socket.create_connection(("127.0.0.1", server.port), timeout=60) as sock:
+        sock.sendall(requests)  # both at once: the second may arrive with the first's headers
+        replies = sock.makefile("rb")  # one reader for both answers
+        answers = [read_answer(replies) for _ in range(2)]
+    assert [(status, [c["id"] for c in json.loads(body)["chunks"]]) for status, body in answers] == [
+        (200, ["a", "b"]), (200, ["c"])
+    ]
+
+
+def read_answer(replies) -> tuple[int, bytes]:
+    """One HTTP/1.1 response with a Content-Length from a buffered reader: status and body."""
+    status = int(replies.readline().split()[1])
+    length = 0
+    while (line := replies.readline()) not in (b"\r\n", b""):
+        name, _, value = line.decode().partition(":")
+        if name.strip().lower() == "content-length":
+            length = int(value)
+    return status, replies.read(length)
+
+
+def test_a_body_cut_short_is_a_400_and_the_worker_serves_on(limited):
+    server, _ = limited
+    body = padded_body(200_000)
+    with socket.create_connection(("127.0.0.1", server.port), timeout=60) as sock:
+        head = b"POST /v1/dedupe HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: %d\r\n\r\n" % len(body)
+        sock.sendall(head + body[:150_000])
+        sock.shutdown(socket.SHUT_WR)  # the client stops sending 50,000 bytes early
+        response = http.client.HTTPResponse(sock)
+        response.begin()
+        status, error = response.status, json.loads(response.read())["error"]
+    assert (status, error) == (400, f"request body ended after 150000 of {len(body)} bytes")
+    assert server.get("/health")[0] == 200
+
+
 # --------------------------------------------------------------------------- the per-worker bound
 
 BOUND = 100_000
