@@ -27,12 +27,13 @@ from pipeline.profiles import GO_THRESHOLD, coverage_threshold, model_threshold
 from pipeline.runner import Defaults, drain, run
 from pipeline.types import Chunk, DedupeRequest
 
-from . import long_chunks
+from . import long_chunks, sentence_pairs
 from .common import table
 
 DATA = Path(os.environ.get("DISTILL_STSB_DIR", Path(__file__).resolve().parents[2] / "shared" / "data" / "stsb"))
 MIN_PRECISION = 0.95
 PAIRS_PER_KIND = 50
+SENTENCE_PAIRS_PER_KIND = 200
 SWEEP = np.round(np.arange(0.05, 0.501, 0.005), 3)
 
 
@@ -57,23 +58,28 @@ class Pairs:
 
 
 class PrecomputedModel:
-    """The real model, its vectors of the given texts computed once and served from memory
-    (a text not among them, such as one sentence of a two-sentence text, is embedded then)."""
+    """The real model, its vectors and token states of the given texts computed once and
+    served from memory (a text not among them, such as one sentence of a two-sentence
+    text, is encoded then)."""
 
     def __init__(self, model: FastEmbedModel, texts: list[str]):
         self.model, self.name, self.batch_size = model, model.name, 256
-        unique = sorted(set(texts))
-        vectors = np.vstack([model.embed(unique[k : k + 16]) for k in range(0, len(unique), 16)])
-        self.vectors = dict(zip(unique, vectors))
+        self.encoded: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        self.encode(sorted(set(texts)))
 
-    def __getattr__(self, name):  # dim, window_tokens, count_tokens, token_spans
+    def __getattr__(self, name):  # dim, window_tokens, count_tokens, token_spans, token_ids, vocabulary
         return getattr(self.model, name)
 
+    def encode(self, texts):
+        missing = [t for t in dict.fromkeys(texts) if t not in self.encoded]
+        for start in range(0, len(missing), 16):
+            batch = missing[start : start + 16]
+            vectors, states = self.model.encode(batch)
+            self.encoded.update(zip(batch, zip(vectors, states)))
+        return np.vstack([self.encoded[t][0] for t in texts]), [self.encoded[t][1] for t in texts]
+
     def embed(self, texts):
-        missing = [t for t in texts if t not in self.vectors]
-        if missing:
-            self.vectors.update(zip(missing, self.model.embed(missing)))
-        return np.vstack([self.vectors[t] for t in texts])
+        return self.encode(texts)[0]
 
 
 def pair_distances(pairs: Pairs, model: PrecomputedModel, guard: bool) -> np.ndarray:
@@ -182,7 +188,57 @@ def main() -> None:
         ["P (removals justified)", "R (duplicate pairs caught)", "F1", "distinct chunks lost"],
         [[f"{context[k]:.3f}" for k in ("P", "R", "F1", "distinct lost")]],
     )
+    news_table(precomputed)
+    sentence_pair_table(precomputed)
     long_chunk_table(model)
+
+
+def news_table(model: PrecomputedModel) -> None:
+    """News sentence pairs (STS-B's MSRpar genre: pairs from a news paraphrase corpus;
+    gold >= 3.5 counts as a paraphrase), one request of two chunks each, the shorter
+    sent with the higher score: P/R/F1 of "merged", and the share of merges that kept
+    a text with under 80 % of the other's words."""
+    rows = []
+    for split in ("train", "dev"):
+        with open(DATA / f"sts-{split}.csv", encoding="utf-8") as f:
+            found = [r for r in csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE) if r[1] == "MSRpar"]
+        model.encode([t for r in found for t in r[5:7]])
+        paraphrase = np.array([float(r[4]) >= 3.5 for r in found])
+        for label, fields in (("numbers guard only", {"guards": ("numbers",)}), ("as shipped", {})):
+            merged, short_kept = [], 0
+            for row in found:
+                shorter, longer = sorted(row[5:7], key=lambda t: (len(t.split()), t))
+                chunks = (Chunk(id="s", text=shorter, score=0.9), Chunk(id="l", text=longer, score=0.5))
+                result = drain(run(DedupeRequest(chunks=chunks, **fields), model, Defaults()))
+                merged.append(result.cluster_count == 1)
+                lost = len(shorter.split()) < 0.8 * len(longer.split()) and result.chunks[0].id == "s"
+                short_kept += merged[-1] and lost
+            s = scores(np.array(merged), paraphrase)
+            rows.append([split, label, f"{s['P']:.3f}", f"{s['R']:.3f}", f"{s['F1']:.3f}", str(sum(merged)),
+                         f"{short_kept / max(1, sum(merged)):.3f}"])
+    table(
+        "News sentence pairs (STS-B MSRpar, gold >= 3.5 paraphrase), shorter sent with the higher score",
+        ["split", "setting", "P", "R", "F1", "merges", "merges keeping < 80 % of the words"],
+        rows,
+    )
+
+
+def sentence_pair_table(model: PrecomputedModel) -> None:
+    """Per kind of `sentence_pairs` (clause, name or figure dropped; paraphrases;
+    neighbours): merged / merged with the fuller kept / apart, on both splits."""
+    rows = []
+    for split in ("tune", "eval"):
+        pair_list = sentence_pairs.pairs(split, SENTENCE_PAIRS_PER_KIND, DATA)
+        model.encode([t for p in pair_list for t in (p.fuller, p.other)])
+        for label, fields in (("numbers guard only", {"guards": ("numbers",)}), ("as shipped", {})):
+            found = sentence_pairs.outcomes(pair_list, model, Defaults(), **fields)
+            rows.append([split, label] + ["{:.2f} / {:.2f} / {:.2f}".format(*found[k]) for k in sentence_pairs.KINDS])
+    table(
+        f"Sentence pairs ({SENTENCE_PAIRS_PER_KIND} per kind and split): merged / fuller kept / apart"
+        " (the shorter sent first, with the higher score)",
+        ["split", "setting", *sentence_pairs.KINDS],
+        rows,
+    )
 
 
 def long_chunk_table(model: FastEmbedModel) -> None:

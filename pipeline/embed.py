@@ -36,8 +36,8 @@ class ModelUnavailable(Exception):
 
 
 class Embedder(Protocol):
-    """What the runner needs: a name, the vector dimension, the tokens one model input
-    may hold, the tokens of texts, and one batch at a time."""
+    """What the pipeline needs: a name, the vector dimension, the tokens one model input
+    may hold, the tokens of texts, and one batch at a time (vectors and token states)."""
 
     name: str
     batch_size: int
@@ -56,8 +56,18 @@ class Embedder(Protocol):
         """Each text's tokens as (start, end) character spans, none cut off."""
         ...
 
-    def embed(self, texts: Sequence[str]) -> np.ndarray:
-        """(len(texts), dim) float32, rows L2-normalised."""
+    def token_ids(self, texts: Sequence[str]) -> list[list[int]]:
+        """Each text's token ids, none cut off (special tokens not counted)."""
+        ...
+
+    def vocabulary(self) -> list[str]:
+        """Every token's text, by id."""
+        ...
+
+    def encode(self, texts: Sequence[str]) -> tuple[np.ndarray, list[np.ndarray]]:
+        """One forward pass: the (len(texts), dim) float32 vectors, rows L2-normalised, and
+        each text's token states (`quantised_states`: (tokens, dim) int16, its special
+        tokens left out), which the forward pass computes before pooling anyway."""
         ...
 
 
@@ -161,13 +171,60 @@ class FastEmbedModel:
         encodings = self._tokenizer.encode_batch(list(texts), add_special_tokens=False)
         return [encoding.offsets for encoding in encodings]
 
+    def token_ids(self, texts: Sequence[str]) -> list[list[int]]:
+        self._load()
+        return [encoding.ids for encoding in self._tokenizer.encode_batch(list(texts), add_special_tokens=False)]
+
+    def vocabulary(self) -> list[str]:
+        self._load()
+        tokens = [""] * self._tokenizer.get_vocab_size()
+        for token, token_id in self._tokenizer.get_vocab().items():
+            tokens[token_id] = token
+        return tokens
+
     def embed(self, texts: Sequence[str]) -> np.ndarray:
-        model = self._load()
+        """The vectors alone (for callers that need no token states)."""
+        return self.encode(texts)[0]
+
+    def encode(self, texts: Sequence[str]) -> tuple[np.ndarray, list[np.ndarray]]:
+        """fastembed's own steps (tokenise, run, pool, normalise) one batch at a time, so the
+        vectors are exactly those `TextEmbedding.embed` gives, and the token states the
+        pooling averaged come with them."""
+        model = self._load().model
+        vectors: list[np.ndarray] = []
+        states: list[np.ndarray] = []
         try:
-            vectors = list(model.embed(list(texts), batch_size=self.batch_size))
+            for start in range(0, len(texts), self.batch_size):
+                output = model.onnx_embed(list(texts[start : start + self.batch_size]))
+                vectors.extend(model._post_process_onnx_output(output))
+                states.extend(_text_states(output.model_output, output.attention_mask))
         except Exception as exc:
             raise ModelUnavailable(f"embedding failed: {exc}") from exc
-        return np.asarray(vectors, dtype=np.float32).reshape(len(texts), self._dim)
+        return np.asarray(vectors, dtype=np.float32).reshape(len(texts), self._dim), states
+
+
+STATE_SCALE = 1 << 14  # a unit token state's components, times this, fit int16 exactly enough
+
+
+def quantised_states(states: np.ndarray) -> np.ndarray:
+    """(tokens, d) float -> (tokens, d) int16: each row L2-normalised, times STATE_SCALE, rounded.
+
+    Integers make token similarities exact: a product of two is below 2**28 and a
+    sum of d of them below 2**53, so a float64 matrix product of these rows gives
+    the same bits on every CPU and BLAS kernel, whatever order it sums in.
+    """
+    wide = np.asarray(states, dtype=np.float64)
+    norms = np.linalg.norm(wide, axis=1, keepdims=True)
+    np.divide(wide, norms, out=wide, where=norms > 0)
+    return np.rint(wide * STATE_SCALE).astype(np.int16)
+
+
+def _text_states(hidden: np.ndarray, mask: np.ndarray) -> list[np.ndarray]:
+    """Each row's token states without padding, [CLS] and [SEP], quantised."""
+    if hidden.ndim != 3:  # a model that outputs pooled vectors only: no token states
+        return [np.zeros((0, hidden.shape[-1]), dtype=np.int16) for _ in range(len(hidden))]
+    lengths = mask.sum(axis=1)
+    return [quantised_states(hidden[row, 1 : max(1, int(n) - 1)]) for row, n in enumerate(lengths)]
 
 
 def _counting_tokenizer(model) -> tuple[Any, int]:

@@ -161,9 +161,19 @@ def _tile_pairs(
     first, second, guard_of = first[held], second[held], guard_of[held]
     within = pair_distances(unit, first, second) <= float32_cutoff(threshold)
     return [
-        {"a": a, "b": b, "guard": guards[g].name}
+        _guarded_pair(a, b, guards[g])
         for a, b, g in zip(first[within].tolist(), second[within].tolist(), guard_of[within].tolist())
     ]
+
+
+def _guarded_pair(a: int, b: int, guard: Guard) -> dict:
+    """One guarded pair; for a guard that can say what each chunk says that the other
+    does not (coverage), those words too."""
+    pair: dict = {"a": a, "b": b, "guard": guard.name}
+    unsaid_words = getattr(guard, "unsaid_words", None)
+    if unsaid_words is not None:
+        pair["unsaid"] = {"a": unsaid_words(b, a), "b": unsaid_words(a, b)}
+    return pair
 
 
 def _first_separating_guard(guards: Sequence[Guard], first: np.ndarray, second: np.ndarray) -> np.ndarray:

@@ -1,4 +1,5 @@
-"""The frozen cache prefix: what the answer says about it (Go Distill v0.9's numbers).
+"""The frozen cache prefix: the numbers the answer gives about it (Go Distill v0.9's;
+`types.CachePrefix` carries them).
 
 An agent using prompt caching marks its stable prefix (system prompt, tool
 docs); the runner hands those chunks back untouched. Here is only how the
@@ -9,31 +10,9 @@ prefix as last time and roughly how many tokens it holds.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Sequence
 
 from .types import Chunk
-
-
-@dataclass(frozen=True)
-class CachePrefix:
-    """Stats of a request whose prefix was frozen (`preserve_cache_prefix` and a marker)."""
-
-    tokens: int
-    hash: str
-    suffix_input_count: int
-    suffix_output_count: int
-
-    def wire(self) -> dict[str, Any]:
-        """The extra stats in Go's order; zero values left out, as Go's `omitempty` does."""
-        fields = {
-            "cache_prefix_frozen": True,
-            "cache_prefix_tokens": self.tokens,
-            "cache_prefix_hash": self.hash,
-            "suffix_input_count": self.suffix_input_count,
-            "suffix_output_count": self.suffix_output_count,
-        }
-        return {name: value for name, value in fields.items() if value}
 
 
 def estimated_tokens(frozen: Sequence[Chunk]) -> int:

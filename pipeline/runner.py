@@ -15,33 +15,25 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, replace
-from functools import partial
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
 from .cluster import Clustering, members
 from .coverage import Coverage
-from .cache import Embedded, EmbeddingCache
-from .embed import (
-    BUNDLED_MODEL,
-    Embedder,
-    ModelUnavailable,
-    l2_normalise,
-    length_sorted_batches,
-)
+from .cache import EmbeddingCache
+from .embed import BUNDLED_MODEL, Embedder, ModelUnavailable, l2_normalise
 from .explain import explain, with_frozen_prefix
 from .guards import NumberGuard
-from .segment import windows
 from .mmr import mmr_order
 from .offload import INLINE, Offload
-from .prefix import CachePrefix, estimated_tokens, prefix_hash
+from .prefix import estimated_tokens, prefix_hash
 from .profiles import GO_THRESHOLD, coverage_threshold, model_threshold
 from .select import min_max, representatives
-from .types import DedupeRequest, OutputChunk, Result, StageError, StageEvent
+from .types import CachePrefix, DedupeRequest, OutputChunk, Result, StageError, StageEvent
+from .vectors import PROGRESS_INTERVAL_S, embed_request
 
 EMBEDDING, CLUSTERING, SELECTION, MMR = "embedding", "clustering", "selection", "mmr"
-PROGRESS_INTERVAL_S = 0.1  # fractional progress at most ~10 times a second
 
 @dataclass(frozen=True)
 class Defaults:
@@ -116,9 +108,8 @@ def _run_stages(
     Any failure inside a stage is raised as `StageError(stage, message)`.
     """
     chunks = request.chunks
-    vectors, query_vector, model_mode = yield from _stage(
-        EMBEDDING, _embed(request, embedder, offload, clock, cache), clock
-    )
+    embedding = yield from _stage(EMBEDDING, embed_request(request, embedder, offload, clock, cache), clock)
+    vectors, query_vector, model_mode = embedding.vectors, embedding.query, embedding.model_mode
     unit = offload(l2_normalise, vectors)  # ~10 ms at 2,000 x 1,536: off the event loop
     threshold = request.threshold
     if threshold is None:
@@ -129,8 +120,7 @@ def _run_stages(
     texts = [c.text for c in chunks]
     coverage = None
     if "coverage" in guards:
-        embedded = {chunks[i].text: vectors[i] for i in request.texts_to_embed}  # (one-sentence chunks)
-        coverage = Coverage(texts, embedder, defaults.coverage_threshold, cache, embedded)
+        coverage = Coverage(texts, embedder, defaults.coverage_threshold, cache, embedding.texts)
     labels, eligible, guard_objects = yield from _stage(
         CLUSTERING, _cluster(unit, texts, threshold, guards, coverage, request.linkage, offload, clock), clock
     )
@@ -195,94 +185,6 @@ def _stage(name: str, body: Iterator[float], clock: Callable[[], float]):
         stats["duration_ms"] = int((clock() - begun) * 1000)
         yield StageEvent(name, 1.0, stats)
     return value
-
-
-def _embed(
-    request: DedupeRequest, embedder: Embedder, offload: Offload, clock, cache: EmbeddingCache | None
-):
-    """Embed the chunks without vectors (and the query text): identical texts once, texts
-    in `cache` not at all, a long text window by window (its vector: the windows' token-
-    weighted mean). Progress counts the tokens embedded."""
-    chunks = request.chunks
-    missing = request.texts_to_embed
-    wanted = [chunks[i].text for i in missing]
-    if request.query is not None and request.query_embedding is None:
-        wanted.append(request.query)
-    given = [c.embedding for c in chunks if c.embedding is not None]
-    if not wanted:
-        vectors = offload(partial(np.vstack, given, dtype=np.float32))
-        return (vectors, request.query_embedding, False), None
-    yield 0.0
-    unique = list(dict.fromkeys(wanted))
-    found = cache.get_many(unique) if cache is not None else {}
-    texts = [text for text in unique if text not in found]
-    plans = offload(plan_windows, texts, embedder)
-    window_tokens = {window: tokens for plan in plans for window, tokens in plan}
-    known = cache.get_many(list(window_tokens)) if cache is not None else {}
-    todo = [window for window in window_tokens if window not in known]
-    total = sum(window_tokens[w] for w in todo) or 1
-    done = 0
-    last_report = clock()
-    batches = length_sorted_batches([window_tokens[w] for w in todo], embedder.batch_size)
-    batches = [[todo[i] for i in batch] for batch in batches]
-    for start in range(0, len(batches), offload.width):  # a text's vector is the same in any batch
-        group = batches[start : start + offload.width]
-        computed = {}
-        for batch, vectors in zip(group, offload.all([partial(embedder.embed, batch) for batch in group])):
-            computed.update((w, Embedded(v, 1, window_tokens[w])) for w, v in zip(batch, vectors))
-            done += sum(window_tokens[w] for w in batch)
-        known.update(computed)
-        if cache is not None:
-            cache.put_many(computed)
-        if start + len(group) < len(batches) and clock() - last_report >= PROGRESS_INTERVAL_S:
-            last_report = clock()
-            yield done / total
-    combined = {text: combine_windows(plan, known) for text, plan in zip(texts, plans)}
-    if cache is not None:
-        cache.put_many(combined)
-    found.update(combined)
-    dim = len(next(iter(found.values())).vector)
-    vectors = np.empty((len(chunks), dim), dtype=np.float32)
-    for i, chunk in enumerate(chunks):
-        vector = chunk.embedding if chunk.embedding is not None else found[chunk.text].vector
-        if len(vector) != dim:
-            raise StageError(EMBEDDING, f"embedding dimension {len(vector)} != model dimension {dim}")
-        vectors[i] = vector
-    query = request.query_embedding
-    if query is None and request.query is not None:
-        query = found[request.query].vector
-    model_mode = bool(missing)
-    stats = {
-        "embedded": len(unique),
-        "windows": sum(found[text].windows for text in unique),
-        "tokens": sum(found[text].tokens for text in unique),
-    }
-    return (vectors, query, model_mode), stats
-
-
-def plan_windows(texts: Sequence[str], embedder: Embedder) -> list[list[tuple[str, int]]]:
-    """Each text's model inputs and their token counts: the text itself when it fits one
-    input, else its windows (`pipeline.segment.windows`)."""
-    limit = embedder.window_tokens()
-    plans = []
-    for text, tokens in zip(texts, embedder.token_spans(texts)):
-        if len(tokens) <= limit:
-            plans.append([(text, len(tokens))])
-        else:
-            plans.append([(text[a:b], count) for (a, b), count in windows(text, tokens, limit)])
-    return plans
-
-
-def combine_windows(plan: list[tuple[str, int]], windows: dict[str, Embedded]) -> Embedded:
-    """A text's vector from its windows': the token-weighted mean, L2-normalised (a text of
-    one window keeps that window's vector exactly)."""
-    tokens = sum(count for _, count in plan)
-    if len(plan) == 1:
-        return Embedded(windows[plan[0][0]].vector, 1, tokens)
-    total = np.zeros(len(windows[plan[0][0]].vector), dtype=np.float64)
-    for window, count in plan:
-        total += count * windows[window].vector.astype(np.float64)
-    return Embedded(l2_normalise(total[None, :])[0], len(plan), tokens)
 
 
 def _cluster(unit, texts, threshold, guards, coverage: Coverage | None, method, offload: Offload, clock):

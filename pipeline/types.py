@@ -7,12 +7,9 @@ trusts every field.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
-
-if TYPE_CHECKING:
-    from .prefix import CachePrefix
 
 LINKAGES = ("average", "single", "complete")
 SELECTIONS = ("score", "centroid", "length", "hybrid")
@@ -99,6 +96,27 @@ class OutputChunk:
     text: str
     score: int | float
     cluster_id: int
+
+
+@dataclass(frozen=True)
+class CachePrefix:
+    """Stats of a request whose prefix was frozen (`preserve_cache_prefix` and a marker)."""
+
+    tokens: int
+    hash: str
+    suffix_input_count: int
+    suffix_output_count: int
+
+    def wire(self) -> dict[str, Any]:
+        """The extra stats in Go's order; zero values left out, as Go's `omitempty` does."""
+        fields = {
+            "cache_prefix_frozen": True,
+            "cache_prefix_tokens": self.tokens,
+            "cache_prefix_hash": self.hash,
+            "suffix_input_count": self.suffix_input_count,
+            "suffix_output_count": self.suffix_output_count,
+        }
+        return {name: value for name, value in fields.items() if value}
 
 
 @dataclass

@@ -310,7 +310,7 @@ class UnavailableModel:
     def dim(self) -> int:
         raise ModelUnavailable("injected: no model")
 
-    def embed(self, texts):
+    def encode(self, texts):
         raise ModelUnavailable("injected: no model")
 
 
@@ -324,9 +324,9 @@ class RecordingModel:
     def __getattr__(self, name):  # dim, window_tokens, count_tokens, token_spans
         return getattr(self.model, name)
 
-    def embed(self, texts):
+    def encode(self, texts):
         self.texts += texts
-        return self.model.embed(texts)
+        return self.model.encode(texts)
 
 
 def test_the_model_sees_only_suffix_texts(embedder):

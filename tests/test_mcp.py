@@ -363,10 +363,10 @@ class CountingModel:
     def __getattr__(self, name):  # dim, window_tokens, count_tokens, token_spans
         return getattr(self.model, name)
 
-    def embed(self, texts):
+    def encode(self, texts):
         with self.lock:
             self.texts += len(texts)
-        return self.model.embed(texts)
+        return self.model.encode(texts)
 
 
 class LogWaiter(logging.Handler):

@@ -18,7 +18,8 @@ import pytest
 from pipeline.coverage import covering_split
 from pipeline.cache import EmbeddingCache
 from pipeline.embed import l2_normalise
-from pipeline.runner import combine_windows, drain, plan_windows, run
+from pipeline.runner import drain, run
+from pipeline.vectors import combine_windows, plan_windows
 from pipeline.segment import units, windows
 from pipeline.types import Chunk, DedupeRequest, Result, StageEvent
 
@@ -215,7 +216,10 @@ def test_explain_lists_the_coverage_pair(client):
     changed = with_paragraph(ARGPARSE, 1, OTHER_PARAGRAPHS[1])
     body = {"chunks": [{"id": "a", "text": ARGPARSE}, {"id": "b", "text": changed}], "explain": True}
     explained = post(client, body).get_json()["explain"]
-    assert explained["guarded_pairs"] == [{"a": 0, "b": 1, "guard": "coverage"}]
+    [pair] = explained["guarded_pairs"]
+    assert (pair["a"], pair["b"], pair["guard"]) == (0, 1, "coverage")
+    assert "optparse" in pair["unsaid"]["a"] and "dialect" in pair["unsaid"]["b"]  # each one's own paragraph
+    assert not {"is", "a", "of"} & set(pair["unsaid"]["a"] + pair["unsaid"]["b"])
 
 
 def test_coverage_in_go_mode_embeds_the_sentences_it_needs(embedder):

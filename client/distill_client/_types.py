@@ -84,6 +84,7 @@ class GuardedPair:
     a: int
     b: int
     guard: str
+    unsaid: dict[str, list[str]] | None = None  # coverage: {"a": words of a that b does not say, "b": ...}
 
 
 @dataclass(frozen=True)
@@ -149,7 +150,7 @@ def _parse_explain(data: Mapping[str, Any]) -> Explain:
         chunks=[ExplainChunk(r.get("index", i), r.get("id", ""), r.get("cluster_id", 0), r.get("state", ""),
                              r.get("kept_index"), r.get("distance"))
                 for i, r in enumerate(data.get("chunks") or [])],
-        guarded_pairs=[GuardedPair(p.get("a", 0), p.get("b", 0), p.get("guard", ""))
+        guarded_pairs=[GuardedPair(p.get("a", 0), p.get("b", 0), p.get("guard", ""), p.get("unsaid"))
                        for p in data.get("guarded_pairs") or []],
         map=[None if point is None else (float(point[0]), float(point[1])) for point in data.get("map") or []],
     )

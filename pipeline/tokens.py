@@ -1,0 +1,128 @@
+"""Token-level coverage: does one sentence say everything another says?
+
+Sentence vectors summarise, so "filed for bankruptcy in July 2002, citing massive
+accounting irregularities" sits within any useful threshold of "filed for
+bankruptcy in July, 2002." The model's own token states (what its forward pass
+computes before pooling them into the sentence vector) tell the two apart: every
+token of the shorter sentence has a close counterpart in the longer one, but
+"citing massive accounting irregularities" has none in the shorter.
+
+A token of sentence B is *said* by sentence A when A has the same token, or a
+token whose state is within `match` cosine similarity of it. The tokens A leaves
+unsaid weigh by their idf (`bench/token_weights.py`: "the" and "." nearly
+nothing, names and rare words most; punctuation nothing). A *covers* B when
+
+* every number in B is in A (as the number guard reads numbers),
+* what A leaves unsaid of B weighs at most `budget` content words, and
+* no more than what B leaves unsaid of A, plus `margin`: of two sentences that
+  each miss a word of the other (a paraphrase), each covers the other; of a
+  sentence and the same sentence less a name or a clause, only the fuller one.
+
+Every similarity is exact integer arithmetic (`pipeline.embed.quantised_states`),
+so the answer is the same on every machine.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from .embed import STATE_SCALE, Embedder
+from .guards import numbers_in
+from .profiles import TokenProfile
+
+DATA = Path(__file__).with_name("data")
+WEIGHT_UNIT = 1000  # a content word weighs this much (integers: sums are exact)
+SHOWN_WEIGHT = WEIGHT_UNIT // 4  # lighter tokens ("is", "a", "of") are not listed as unsaid
+_WORD = re.compile(r"[^\W_]")
+
+
+@dataclass(frozen=True)
+class Sentence:
+    """What token coverage needs of one sentence: its tokens' ids, quantised states and
+    weights, and its numbers."""
+
+    ids: np.ndarray  # (t,) int64
+    states: np.ndarray  # (t, d) int16, rows unit length x STATE_SCALE
+    weights: np.ndarray  # (t,) int64, WEIGHT_UNIT for a full content word
+    numbers: frozenset[str]
+
+
+class TokenJudge:
+    """Token coverage for one model: its vocabulary's weights and the calibrated profile."""
+
+    def __init__(self, embedder: Embedder, profile: TokenProfile):
+        self.embedder, self.profile = embedder, profile
+        self._weights = token_weights(embedder.name, tuple(embedder.vocabulary()), profile.idf_scale)
+        self._match = profile.match * float(STATE_SCALE) ** 2  # on the integer similarity scale
+        self._budget = round(profile.budget * WEIGHT_UNIT)
+        self._margin = round(profile.margin * WEIGHT_UNIT)
+
+    def sentences(self, texts: Sequence[str], states: Sequence[np.ndarray]) -> list[Sentence]:
+        """Each text (with its token states from `Embedder.encode`) ready to compare."""
+        out = []
+        for text, ids, text_states in zip(texts, self.embedder.token_ids(texts), states):
+            ids = np.asarray(ids[: len(text_states)], dtype=np.int64)
+            out.append(Sentence(ids, text_states, self._weights[ids], numbers_in(text)))
+        return out
+
+    def unsaid(self, said: Sentence, by: Sentence) -> np.ndarray:
+        """(t,) bool over `said`'s tokens: which ones `by` has no counterpart for."""
+        if not len(said.ids):
+            return np.zeros(0, dtype=bool)
+        missing = ~np.isin(said.ids, by.ids)
+        if missing.any() and len(by.ids):
+            similarities = said.states[missing].astype(np.float64) @ by.states.T.astype(np.float64)
+            missing[missing] = similarities.max(axis=1) < self._match
+        return missing
+
+    def covers(self, first: Sentence, second: Sentence) -> bool:
+        """Whether `first` says everything `second` says (see the module docstring)."""
+        if not second.numbers <= first.numbers:
+            return False
+        unsaid_of_second = int(second.weights[self.unsaid(second, first)].sum())
+        if unsaid_of_second == 0:
+            return True
+        unsaid_of_first = int(first.weights[self.unsaid(first, second)].sum())
+        return unsaid_of_second <= min(self._budget, unsaid_of_first + self._margin)
+
+    def unsaid_words(self, text: str, said: Sentence, by: Sentence, limit: int = 20) -> list[str]:
+        """The words of `text` (the sentence `said`) that `by` leaves unsaid, content words
+        only (weighing at least SHOWN_WEIGHT), in order, at most `limit` (what explain shows)."""
+        spans = self.embedder.token_spans([text])[0][: len(said.ids)]
+        missing = self.unsaid(said, by) & (said.weights >= SHOWN_WEIGHT)
+        words: list[tuple[int, int]] = []
+        for (start, end), gone in zip(spans, missing):
+            if gone:
+                word = _whole_word(text, start, end)  # a word piece shows as its word
+                if not words or word != words[-1]:
+                    words.append(word)
+        return [text[start:end] for start, end in words[:limit]]
+
+
+def _whole_word(text: str, start: int, end: int) -> tuple[int, int]:
+    while start > 0 and text[start - 1].isalnum():
+        start -= 1
+    while end < len(text) and text[end].isalnum():
+        end += 1
+    return start, end
+
+
+@lru_cache(maxsize=4)
+def token_weights(model_name: str, vocabulary: tuple[str, ...], idf_scale: float) -> np.ndarray:
+    """(vocabulary,) int64: each token's weight, WEIGHT_UNIT at most. From the model's idf
+    table (`bench/token_weights.py`) where there is one, else every word token weighs
+    WEIGHT_UNIT; a token with no letter or digit (punctuation) weighs nothing."""
+    table = DATA / f"idf-{model_name.split('/')[-1]}.npy"
+    if table.is_file():
+        idf = np.load(table).astype(np.float64) / 1000
+        weights = np.minimum(WEIGHT_UNIT, np.floor(idf / idf_scale * WEIGHT_UNIT)).astype(np.int64)
+    else:
+        weights = np.full(len(vocabulary), WEIGHT_UNIT, dtype=np.int64)
+    is_word = np.fromiter((bool(_WORD.search(t)) for t in vocabulary), dtype=bool, count=len(vocabulary))
+    return np.where(is_word, weights, 0)
