@@ -29,3 +29,10 @@ def test_every_local_link_in_the_readme_exists(target):
         headings = re.findall(r"^#+ (.+)$", (ROOT / path).read_text(), re.M)
         slugs = {re.sub(r"[^\w\- ]", "", h).strip().lower().replace(" ", "-") for h in headings}
         assert anchor in slugs, target
+
+
+@pytest.mark.parametrize("path", ["README.md", *sorted(p.name for p in (ROOT / "docs").glob("*.md"))])
+def test_every_code_block_is_closed(path):
+    """An unclosed fence swallows the rest of the page into one code block (MkDocs accepts it)."""
+    text = (ROOT / path if path == "README.md" else ROOT / "docs" / path).read_text()
+    assert len(re.findall(r"^```", text, re.M)) % 2 == 0
