@@ -159,7 +159,6 @@ class SharedLayer:
         self._identity_known = False
         self._resting_until = 0.0
         self._last_logged = -FAULT_LOG_INTERVAL_S
-        self._lock = threading.Lock()
 
     def get_many(self, texts: Sequence[str]) -> dict[str, Embedded]:
         keys = self._keys(texts)
@@ -200,17 +199,19 @@ class SharedLayer:
         return {codec.key(identity, text): text for text in texts}
 
     def _model_identity(self) -> bytes | None:
-        with self._lock:
-            if not self._identity_known:
-                try:
-                    self._identity = self._identity_of()
-                except Exception as exc:
-                    self._fault(exc)
-                    return None
-                self._identity_known = True
-                if self._identity is None:
-                    log.info("embedding cache: the model's files are not known; the %s store is not used", self.layer)
-            return self._identity
+        """Computed on first use (it loads and hashes the model); two threads that ask at
+        once both compute the same digest, which is cheaper than a lock across the event
+        loop's thread and the CPU pool's."""
+        if not self._identity_known:
+            try:
+                identity = self._identity_of()
+            except Exception as exc:
+                self._fault(exc)
+                return None
+            self._identity, self._identity_known = identity, True
+            if identity is None:
+                log.info("embedding cache: the model's files are not known; the %s store is not used", self.layer)
+        return self._identity
 
     def _fault(self, exc: Exception, count: int = 1, rest: bool = True) -> None:
         self.events.faults(self.layer, count)

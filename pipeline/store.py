@@ -58,18 +58,15 @@ class DiskStore:
         self.wal_bytes = min(8 * MIB, max_bytes // 8)
         self.max_db_bytes = max_bytes - self.wal_bytes - self.SHM_BYTES
         self.timeout_s = timeout_s
-        self._db: sqlite3.Connection | None = None
-        self._pid = 0
+        self._connections: dict[tuple[int, int], tuple[int, sqlite3.Connection]] = {}  # by (process, OS thread)
+        self._generation = 0
         self._inode = 0
-        self._lock = threading.Lock()
 
     def get_many(self, keys: Sequence[bytes]) -> dict[bytes, bytes]:
-        with self._lock:
-            return self._guarded(self._read, keys)
+        return self._guarded(self._read, keys)
 
     def put_many(self, values: dict[bytes, bytes]) -> None:
-        with self._lock:
-            self._guarded(self._write, values)
+        self._guarded(self._write, values)
 
     def _read(self, db: sqlite3.Connection, keys: Sequence[bytes]) -> dict[bytes, bytes]:
         found, stale = {}, []
@@ -144,7 +141,7 @@ class DiskStore:
             db.executemany("DELETE FROM entries WHERE key = ?", doomed)
 
     def _guarded(self, operation, argument):
-        """Run on this process's connection; on damage, set the files aside and raise
+        """Run on this thread's connection; on damage, set the files aside and raise
         StoreRebuilt (the next call starts a new database)."""
         try:
             return operation(self._connection(), argument)
@@ -155,7 +152,15 @@ class DiskStore:
             raise StoreRebuilt(f"{self.path} was damaged ({exc}); set aside, starting afresh") from exc
 
     def _connection(self) -> sqlite3.Connection:
-        if self._db is None or self._pid != os.getpid():
+        """This OS thread's connection, so that no lock is needed: the event loop's
+        greenlets share one, and a call never yields to another greenlet midway (SQLite
+        does no gevent I/O), so none sees another's open transaction."""
+        thread = (os.getpid(), threading.get_native_id())
+        generation, db = self._connections.get(thread, (-1, None))
+        if db is not None and generation != self._generation:  # the files were set aside since
+            db.close()
+            db = None
+        if db is None:
             self.directory.mkdir(parents=True, exist_ok=True)
             db = sqlite3.connect(self.path, timeout=self.timeout_s, isolation_level=None, check_same_thread=False)
             try:
@@ -172,15 +177,13 @@ class DiskStore:
             except BaseException:
                 db.close()
                 raise
-            self._db, self._pid = db, os.getpid()
-        return self._db
+            self._connections[thread] = (self._generation, db)
+        return db
 
     def _set_aside(self) -> None:
         """Move the damaged files to `damaged/` unless another process did already (the
         file at the path is no longer the one this process opened)."""
-        if self._db is not None:
-            self._db.close()
-            self._db = None
+        self._generation += 1  # every thread reopens (each closes its own connection)
         with open(self.directory / "lock", "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:
