@@ -7,7 +7,7 @@ INSTALLED = $(VENV)/.installed
 # The client's tests also run a LangChain retriever (langchain-classic) and build its wheel.
 CLIENT_TEST = 'langchain-classic>=1,<2' 'setuptools>=68'
 
-.PHONY: install run test redis test-fuzz test-load bench eval-quality corpus clean image test-deploy docs docs-figures \
+.PHONY: install run test redis test-fuzz test-load bench eval-quality corpus clean image test-deploy docs docs-figures token-weights \
 	docs-screenshot
 
 install: $(INSTALLED)
@@ -60,6 +60,10 @@ test-load: install
 
 eval-quality: install corpus
 	$(BIN)/python -m bench.quality
+
+# The idf table token coverage weighs words by (pipeline/data/), from the same corpus and STS-B train.
+token-weights: install corpus
+	$(BIN)/python -m bench.token_weights
 
 # Long chunks for the quality table and the model-mode bench are cut from the Python
 # documentation's sources (Debian's python3.11-doc, PSF licence).

@@ -224,7 +224,7 @@ def test_text_only_chunks_give_what_the_http_api_gives_with_progress(connect, cl
     assert list(stats) == [
         "input_count", "output_count", "cluster_count", "reduction_pct", "threshold_used", "lambda_used"
     ]
-    assert stats["threshold_used"] == 0.255  # model mode: the bundled model's calibrated value
+    assert stats["threshold_used"] == 0.27  # model mode: the bundled model's calibrated value
     assert stats["lambda_used"] == 0.5
     for key in ("input_count", "output_count", "cluster_count", "reduction_pct"):
         assert stats[key] == expected["stats"][key]
