@@ -30,6 +30,7 @@ import time
 from dataclasses import fields
 from pathlib import Path
 
+import gevent
 import numpy as np
 from gevent.lock import Semaphore
 
@@ -46,6 +47,7 @@ INLINE_MAX_BYTES = 1 << 20  # parsed and validated in ~1-3 ms on the loop
 _ROOT = Path(__file__).resolve().parent.parent
 _HEADER = struct.Struct("!Q")
 _SOCKET_BUFFER = 4 << 20
+_PIECE_BYTES = 256 * 1024  # as bodies are read: the loop serves others between pieces
 
 
 def parse_body(
@@ -117,14 +119,14 @@ class _Helper:
 
     def parse(self, body: bytes | bytearray | memoryview) -> tuple[DedupeRequest, float]:
         try:
-            _send(self.sock, body)
-            reply = pickle.loads(_receive(self.sock))
+            _send(self.sock, body, _serve_others)
+            reply = pickle.loads(_receive(self.sock, _serve_others))
             if reply[0] == "error":
                 raise ApiError(reply[1], reply[2])
             _, fields_, rows, shape, seconds = reply
             matrix = np.empty(shape, dtype=np.float32)
             if matrix.size:
-                _receive_into(self.sock, memoryview(matrix).cast("B"))
+                _receive_into(self.sock, memoryview(matrix).cast("B"), _serve_others)
         except (OSError, EOFError, pickle.UnpicklingError) as exc:
             log.error("body parser process failed (%s); starting a new one", exc)
             self.close()
@@ -167,26 +169,38 @@ def _split(dedupe_request: DedupeRequest) -> tuple[dict, list, np.ndarray]:
 # ---------------------------------------------------------------- the wire: length-prefixed frames
 
 
-def _send(sock: socket.socket, payload: bytes | bytearray | memoryview) -> None:
-    sock.sendall(_HEADER.pack(len(payload)))
-    sock.sendall(payload)
+def _send(sock: socket.socket, payload: bytes | bytearray | memoryview, pause=None) -> None:
+    """A frame; with `pause`, called between pieces (the worker's loop serves others: while
+    the helper keeps up, the socket never fills and a plain sendall would not yield)."""
+    view = memoryview(payload).cast("B")
+    sock.sendall(_HEADER.pack(len(view)))
+    for start in range(0, len(view), _PIECE_BYTES):
+        sock.sendall(view[start : start + _PIECE_BYTES])
+        if pause is not None:
+            pause()
 
 
-def _receive(sock: socket.socket) -> bytearray:
+def _receive(sock: socket.socket, pause=None) -> bytearray:
     header = bytearray(_HEADER.size)
     _receive_into(sock, memoryview(header))
     payload = bytearray(_HEADER.unpack(header)[0])
-    _receive_into(sock, memoryview(payload))
+    _receive_into(sock, memoryview(payload), pause)
     return payload
 
 
-def _receive_into(sock: socket.socket, view: memoryview) -> None:
+def _receive_into(sock: socket.socket, view: memoryview, pause=None) -> None:
     got = 0
     while got < len(view):
-        n = sock.recv_into(view[got:])
+        n = sock.recv_into(view[got : got + _PIECE_BYTES])
         if not n:
             raise EOFError("peer closed")
         got += n
+        if pause is not None:
+            pause()
+
+
+def _serve_others() -> None:
+    gevent.sleep(0)
 
 
 # ---------------------------------------------------------------- the helper process
