@@ -114,7 +114,7 @@ class FaultInjectingModel:
     def __getattr__(self, name):  # dim, window_tokens, count_tokens, token_spans
         return getattr(self.model, name)
 
-    def embed(self, texts):
+    def encode(self, texts):
         raise RuntimeError("injected fault")
 
 
