@@ -52,10 +52,11 @@ def parse_request(body: Any, config: Config) -> DedupeRequest:
         raise ApiError(
             413, f"too many chunks: {len(raw_chunks)} > DISTILL_MAX_CHUNKS ({config.max_chunks})"
         )
-    chunks = tuple(_chunk(raw, i) for i, raw in enumerate(raw_chunks))
-    markers = [_cache_marker(raw.get("cache_control"), i) for i, raw in enumerate(raw_chunks)]
-    frozen_count = _frozen_count(markers) if _preserve_cache_prefix(body.get("options")) else 0
-    query_embedding = _embedding(body.get("query_embedding"), "query_embedding")
+    with np.errstate(over="ignore"):  # a number too big for float32 -> inf -> refused (once, not per vector)
+        chunks = tuple(_chunk(raw, i) for i, raw in enumerate(raw_chunks))
+        markers = [_cache_marker(raw.get("cache_control"), i) for i, raw in enumerate(raw_chunks)]
+        frozen_count = _frozen_count(markers) if _preserve_cache_prefix(body.get("options")) else 0
+        query_embedding = _embedding(body.get("query_embedding"), "query_embedding")
     _check_dimensions(chunks[frozen_count:], query_embedding)
     return DedupeRequest(
         chunks=chunks,
@@ -174,15 +175,13 @@ def _embedding(value: Any, where: str) -> np.ndarray | None:
     """A list of finite numbers or a base64 string of little-endian float32; empty = absent.
     (`jsonio.RequestDecoder` hands a list of numbers over as a float64 array.)"""
     if isinstance(value, np.ndarray):
-        with np.errstate(over="ignore"):  # too big for float32 -> inf -> refused below
-            vector = value.astype(np.float32)
+        vector = value.astype(np.float32)  # too big for float32 -> inf -> refused below
     elif value is None or value == [] or value == "":
         return None
     elif isinstance(value, str):
         vector = _from_base64(value, where)
     elif isinstance(value, list):
-        with np.errstate(over="ignore"):  # too big for float32 -> inf -> refused below
-            vector = _numbers(value, where).astype(np.float32)
+        vector = _numbers(value, where).astype(np.float32)
     else:
         raise bad(f"{where} must be an array of numbers or a base64 string")
     if not np.isfinite(vector).all():
