@@ -181,15 +181,16 @@ def test_five_chunks_live_progress_duplicate_guard_and_map(visit, server):
         assert bar.evaluate("bar => bar.value") == 1
     assert page.get_by_role("progressbar").count() == 3  # no mmr: target_k is 0
 
-    # Every chunk once; the duplicate names what it merged into and the distance.
+    # Every chunk once; the duplicate names what it merged into and the distance ("An air
+    # plane ..." says all "A plane ..." says, and more: it is the one kept).
     expected = stream_result(server, five_body())["explain"]
     items = page.locator("[data-chunk-id]:not(circle)")
     assert items.evaluate_all("items => items.map(i => [i.dataset.chunkId, i.dataset.state])") == [
-        ["1", "kept"], ["2", "dropped"], ["3", "kept"], ["4", "kept"], ["5", "kept"],
+        ["1", "dropped"], ["2", "kept"], ["3", "kept"], ["4", "kept"], ["5", "kept"],
     ]
-    distance = expected["chunks"][1]["distance"]
+    distance = expected["chunks"][0]["distance"]
     assert 0 < distance < 0.2
-    assert f"Merged into chunk 1 at cosine distance {distance}." in page.locator('li[data-chunk-id="2"]').inner_text()
+    assert f"Merged into chunk 2 at cosine distance {distance}." in page.locator('li[data-chunk-id="1"]').inner_text()
 
     # The number guard's pair, told on both chunks.
     assert expected["guarded_pairs"] == [{"a": 3, "b": 4, "guard": "numbers"}]
@@ -207,7 +208,7 @@ def test_five_chunks_live_progress_duplicate_guard_and_map(visit, server):
     for row, point in zip(expected["chunks"], expected["map"]):
         assert by_id[row["id"]][2] == pytest.approx(point)
     assert by_id["1"][0] == by_id["2"][0] != by_id["3"][0]
-    assert [by_id[i][1] for i in "12345"] == ["kept", "dropped", "kept", "kept", "kept"]
+    assert [by_id[i][1] for i in "12345"] == ["dropped", "kept", "kept", "kept", "kept"]
     assert page.locator("#summary").inner_text().startswith("5 chunks in, 4 kept (19% fewer) in 4 clusters")
 
     # Every stage's stats in words: the guard counts too ({"numbers": 1, "coverage": 0}).
