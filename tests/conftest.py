@@ -24,6 +24,14 @@ def pytest_unconfigure(config):
     shutil.rmtree(config.xdg_cache_home, ignore_errors=True)
 
 
+@pytest.fixture(autouse=True)
+def own_cache_directory(tmp_path_factory, monkeypatch):
+    """Each test its own XDG cache directory, so the default disk store of an app or a
+    server it starts holds nothing another test embedded (a test may need the model to
+    work). Servers shared by a module's tests start before this: they use the run's."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg")))
+
+
 @pytest.fixture(scope="session")
 def embedder() -> FastEmbedModel:
     """The real bundled model, loaded once for the whole run."""
