@@ -88,11 +88,7 @@ class RequestDecoder:
             return loads(raw)
         finally:
             document = None  # the parser is reusable only once its proxies are gone
-        if raw.count(b"[") - census.brackets_in_strings != census.arrays or (
-            census.brackets_in_strings and _ESCAPED_BRACKET in raw
-        ):
-            return loads(raw)
-        return value
+        return value if census.no_array_flattened(raw) else loads(raw)
 
 
 _BOM = b"\xef\xbb\xbf"
@@ -106,18 +102,43 @@ class _Ambiguous(Exception):
 
 
 class _Census:
-    """Turns simdjson's proxies into Python values, counting arrays and the '[' in strings."""
+    """Turns simdjson's proxies into Python values, keeping what it needs to count the
+    body's arrays afterwards."""
 
     def __init__(self) -> None:
-        self.arrays = 0
-        self.brackets_in_strings = 0
+        self.vectors = 0  # arrays read by `as_buffer`, which flattens nested ones
+        self.containers = 0  # arrays converted one element at a time (`chunks`)
+        self._plain: list[Any] = []  # every other value that is (or holds) a string or array
+        self._keys: list[str] = []
+
+    def no_array_flattened(self, raw: bytes | bytearray) -> bool:
+        """Whether the body holds exactly the arrays read: one '[' each, plus those in strings
+        (counted from the strings; an escaped '[' in a string could hide one, so a body with a
+        '[' in a string and an escape that may be one is not trusted)."""
+        if not self.vectors:
+            return True  # nothing was read by `as_buffer`
+        in_strings, arrays = "".join(self._keys).count("["), self.vectors + self.containers
+        pending = list(self._plain)  # a stack, not recursion: JSON may nest 1,024 deep
+        while pending:
+            value = pending.pop()
+            if isinstance(value, str):
+                in_strings += value.count("[")
+            elif isinstance(value, list):
+                arrays += 1
+                pending.extend(value)
+            elif isinstance(value, dict):
+                in_strings += "".join(value).count("[")
+                pending.extend(value.values())
+        if in_strings and _ESCAPED_BRACKET in raw:
+            return False
+        return raw.count(b"[") - in_strings == arrays
 
     def body(self, document: "simdjson.Object") -> dict:
         """The top-level object; its `chunks` (when an array) one object at a time."""
         out = self._fields(document, lazy=("chunks",))
         chunks = out.get("chunks")
         if isinstance(chunks, simdjson.Array):
-            self.arrays += 1
+            self.containers += 1
             out["chunks"] = [self._fields(c) if isinstance(c, simdjson.Object) else self.plain(c) for c in chunks]
         elif "chunks" in out:
             out["chunks"] = self.plain(chunks)  # (validation refuses it) no proxy outlives the parse
@@ -128,9 +149,9 @@ class _Census:
         keys = list(obj)
         if len(set(keys)) != len(keys):
             raise _Ambiguous  # `obj[key]` would find the first, orjson keeps the last
+        self._keys.extend(keys)
         out = {}
         for key in keys:
-            self.brackets_in_strings += key.count("[")
             value = obj[key]
             if key in lazy:
                 out[key] = value
@@ -149,7 +170,7 @@ class _Census:
             return self.plain(array)
         if len(vector) != len(array) or np.abs(vector).max() >= _EXACT_INTEGERS:
             raise _Ambiguous  # nested arrays (flattened), or maybe a big integer
-        self.arrays += 1
+        self.vectors += 1
         return vector
 
     def plain(self, value: Any) -> Any:
@@ -158,21 +179,9 @@ class _Census:
             value = value.as_dict()
         elif isinstance(value, simdjson.Array):
             value = value.as_list()
-        self._count(value)
+        if isinstance(value, (str, list, dict)):
+            self._plain.append(value)
         return value
-
-    def _count(self, value: Any) -> None:
-        pending = [value]  # a stack, not recursion: JSON may nest 1,024 deep
-        while pending:
-            value = pending.pop()
-            if isinstance(value, str):
-                self.brackets_in_strings += value.count("[")
-            elif isinstance(value, list):
-                self.arrays += 1
-                pending.extend(value)
-            elif isinstance(value, dict):
-                self.brackets_in_strings += sum(key.count("[") for key in value)
-                pending.extend(value.values())
 
 
 def dumps(obj: Any) -> bytes:
