@@ -111,10 +111,11 @@ class EmbeddingCache:
         return found
 
     def put_many(self, entries: dict[str, Embedded]) -> None:
-        """Keep the entries here and in the shared store (those this process holds already
-        are in the store: it answered them, or they were written when first put)."""
+        """Keep the entries here and in the shared store. What this process holds already is
+        in the store (it answered it, or it was written when first put), unless the entry
+        now brings token states the one held lacked."""
         with self._lock:
-            new = {text: entry for text, entry in entries.items() if text not in self._entries}
+            new = {text: entry for text, entry in entries.items() if _adds_to(self._entries.get(text), entry)}
         self._remember(entries)
         if self.shared is not None and new:
             self.shared.put_many(new)
@@ -140,6 +141,10 @@ class EmbeddingCache:
 
     def __len__(self) -> int:
         return len(self._entries)
+
+
+def _adds_to(held: Embedded | None, entry: Embedded) -> bool:
+    return held is None or (held.states is None and entry.states is not None)
 
 
 class SharedLayer:

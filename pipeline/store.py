@@ -109,8 +109,10 @@ class DiskStore:
         try:
             self._evict(db, incoming)
             db.executemany(
-                "INSERT INTO entries (key, value, size, used) VALUES (?, ?, ?, ?) "
-                "ON CONFLICT (key) DO UPDATE SET used = excluded.used",
+                "INSERT INTO entries (key, value, size, used) VALUES (?, ?, ?, ?) ON CONFLICT (key) DO UPDATE SET "
+                # the longer of two values for a key: one with a sentence's token states
+                "value = iif(excluded.size > size, excluded.value, value), size = max(size, excluded.size), "
+                "used = excluded.used",
                 [(k, v, len(k) + len(v), now) for k, v in values],
             )
             db.execute("COMMIT")

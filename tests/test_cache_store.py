@@ -236,6 +236,18 @@ def test_layers_answer_in_order_and_fill_the_ones_in_front(tmp_path):
     assert events.hits[MEMORY] == 1 and events.hits[DISK] == 2  # now in memory
 
 
+def test_an_entry_that_brings_token_states_is_written_again(tmp_path):
+    identity = lambda: b"m" * 32  # noqa: E731
+    writer = EmbeddingCache(1 << 20, SharedLayer(DiskStore(tmp_path, 1 << 20), identity))
+    plain = entry(states=False)
+    with_states = Embedded(plain.vector, 1, 12, entry().states)
+    writer.put_many({"s": plain})
+    writer.put_many({"s": with_states})  # the sentence, now with its states
+    writer.put_many({"s": plain})  # held with states: nothing to add
+    reader = EmbeddingCache(1 << 20, SharedLayer(DiskStore(tmp_path, 1 << 20), identity))
+    assert same(reader.get_many(["s"])["s"], with_states)
+
+
 def test_an_undecodable_value_is_a_counted_miss(tmp_path):
     store, events = DiskStore(tmp_path, 1 << 20), Events()
     layer = SharedLayer(store, lambda: b"m" * 32, events)
