@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 from typing import Sequence
 
@@ -58,7 +57,7 @@ class TokenJudge:
 
     def __init__(self, embedder: Embedder, profile: TokenProfile):
         self.embedder, self.profile = embedder, profile
-        self._weights = token_weights(embedder.name, tuple(embedder.vocabulary()), profile.idf_scale)
+        self._weights = token_weights(embedder, profile.idf_scale)
         self._match = profile.match * float(STATE_SCALE) ** 2  # on the integer similarity scale
         self._budget = round(profile.budget * WEIGHT_UNIT)
         self._margin = round(profile.margin * WEIGHT_UNIT)
@@ -113,16 +112,22 @@ def _whole_word(text: str, start: int, end: int) -> tuple[int, int]:
     return start, end
 
 
-@lru_cache(maxsize=4)
-def token_weights(model_name: str, vocabulary: tuple[str, ...], idf_scale: float) -> np.ndarray:
+_WEIGHTS: dict[tuple[str, float], np.ndarray] = {}  # per model and scale: built once per process
+
+
+def token_weights(embedder: Embedder, idf_scale: float) -> np.ndarray:
     """(vocabulary,) int64: each token's weight, WEIGHT_UNIT at most. From the model's idf
     table (`bench/token_weights.py`) where there is one, else every word token weighs
     WEIGHT_UNIT; a token with no letter or digit (punctuation) weighs nothing."""
-    table = DATA / f"idf-{model_name.split('/')[-1]}.npy"
-    if table.is_file():
-        idf = np.load(table).astype(np.float64) / 1000
-        weights = np.minimum(WEIGHT_UNIT, np.floor(idf / idf_scale * WEIGHT_UNIT)).astype(np.int64)
-    else:
-        weights = np.full(len(vocabulary), WEIGHT_UNIT, dtype=np.int64)
-    is_word = np.fromiter((bool(_WORD.search(t)) for t in vocabulary), dtype=bool, count=len(vocabulary))
-    return np.where(is_word, weights, 0)
+    key = (embedder.name, idf_scale)
+    if key not in _WEIGHTS:
+        vocabulary = embedder.vocabulary()
+        table = DATA / f"idf-{embedder.name.split('/')[-1]}.npy"
+        if table.is_file():
+            idf = np.load(table).astype(np.float64) / 1000
+            weights = np.minimum(WEIGHT_UNIT, np.floor(idf / idf_scale * WEIGHT_UNIT)).astype(np.int64)
+        else:
+            weights = np.full(len(vocabulary), WEIGHT_UNIT, dtype=np.int64)
+        is_word = np.fromiter((bool(_WORD.search(t)) for t in vocabulary), dtype=bool, count=len(vocabulary))
+        _WEIGHTS[key] = np.where(is_word, weights, 0)
+    return _WEIGHTS[key]
