@@ -83,39 +83,31 @@ def stream_stats(server: Server, texts: list[str]) -> dict:
     return stats
 
 
-def latency_rows(server: Server) -> list[list[object]]:
+def latency_rows(server: Server, before: Server | None = None) -> list[list[object]]:
+    """Per size: cold, repeated, half new and shifted on `server`; with `before` (another
+    checkout), its cold and repeated right after, so both see the same machine load."""
     rows = []
     for tokens in TOKENS:
         first, second = chunk_sets(tokens)
         cold = stream_stats(server, first)
-        for _ in range(2):  # both workers see it
-            stream_stats(server, first)
-        repeated = statistics.median(stream_stats(server, first)["latency_ms"] for _ in range(5))
+        repeated = _repeated(lambda: stream_stats(server, first)["latency_ms"])
         half = stream_stats(server, first[: N // 2] + second[: N // 2])
         moved = stream_stats(server, shifted(first))
         rows.append([
             tokens, cold["tokens"] // N, cold["latency_ms"], repeated, half["latency_ms"],
             moved["latency_ms"], int(cold["tokens"] / max(1, cold["embed_ms"]) * 1000),
         ])
+        if before is not None:
+            body = {"chunks": [{"id": str(i), "text": t} for i, t in enumerate(first)]}
+            rows[-1] += [_latency_ms(before, body), _repeated(lambda: _latency_ms(before, body))]
     return rows
 
 
-def before_rows(root: Path) -> list[list[object]]:
-    """Cold and repeated latency_ms of another checkout (e.g. an older commit)."""
-    server = Server(root=root, WEB_CONCURRENCY="2").start()
-    try:
-        server.post("/v1/dedupe", {"chunks": [{"text": "warm the model up"}]})
-        rows = []
-        for tokens in TOKENS:
-            first, _ = chunk_sets(tokens)
-            body = {"chunks": [{"id": str(i), "text": t} for i, t in enumerate(first)]}
-            cold = _latency_ms(server, body)
-            for _ in range(2):  # both workers see it
-                _latency_ms(server, body)
-            rows.append([tokens, cold, statistics.median(_latency_ms(server, body) for _ in range(5))])
-        return rows
-    finally:
-        server.stop()
+def _repeated(send) -> float:
+    """The median of 5 sends, after two more so that both workers have seen the request."""
+    for _ in range(2):
+        send()
+    return statistics.median(send() for _ in range(5))
 
 
 def _latency_ms(server: Server, body: dict) -> int:
@@ -144,15 +136,16 @@ def tokens_per_second() -> list[list[object]]:
 
 
 def main(before: Path | None = None) -> None:
-    server = Server(WEB_CONCURRENCY="2").start()
-    try:
-        server.post("/v1/dedupe", {"chunks": [{"text": "warm the model up"}]})
-        rows = latency_rows(server)
-    finally:
-        server.stop()
+    servers = [Server(WEB_CONCURRENCY="2").start()]
     if before is not None:
-        earlier = {row[0]: row[1:] for row in before_rows(before)}
-        rows = [row + earlier[row[0]] for row in rows]
+        servers.append(Server(root=before, WEB_CONCURRENCY="2").start())
+    try:
+        for server in servers:
+            server.post("/v1/dedupe", {"chunks": [{"text": "warm the model up"}]})
+        rows = latency_rows(*servers)
+    finally:
+        for server in servers:
+            server.stop()
     table(
         f"Model mode, {N} chunks per request, 2 workers: server latency_ms",
         ["~tokens", "tokens/chunk", "cold", "repeated", "half new", "shifted",
