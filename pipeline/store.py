@@ -123,13 +123,15 @@ class DiskStore:
 
     def _evict(self, db: sqlite3.Connection, incoming: int) -> None:
         """Delete the least recently used entries until the pages in use, plus what is
-        about to be written, fit 90 % of the bound (so eviction runs now and then, not on
-        every write). Each row costs more pages than its bytes; a few passes settle it."""
+        about to be written, fit the bound less one more transaction's worth (so eviction
+        runs every few writes, and deletes little enough at once for the write-ahead log
+        to stay within its allowance). Each row costs more pages than its bytes; a few
+        passes settle it."""
         for _ in range(4):
             in_use = _bytes_in_use(db)
             if in_use + incoming <= self.max_db_bytes:
                 return
-            excess = in_use + incoming - int(self.max_db_bytes * 0.9)
+            excess = in_use + incoming - (self.max_db_bytes - self.wal_bytes // 16)
             doomed, freed = [], 0
             oldest_first = db.execute("SELECT key, size FROM entries ORDER BY used")
             for key, size in oldest_first:
