@@ -84,7 +84,7 @@ class RequestDecoder:
         try:
             census = _Census()
             value = census.body(document) if isinstance(document, simdjson.Object) else census.plain(document)
-        except _Ambiguous:
+        except (_Ambiguous, KeyError):  # KeyError: simdjson cannot look up a key holding \u0000
             return loads(raw)
         finally:
             document = None  # the parser is reusable only once its proxies are gone

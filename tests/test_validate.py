@@ -609,6 +609,7 @@ def assert_decodes_as_orjson(raw: bytes) -> None:
         b'{"chunks": [{"text": "a", "text": "b", "embedding": [1], "embedding": [[2]]}]}',  # repeated keys
         b'{"chunks": [{"embedding": [1]}], "chunks": 5}',
         b'{"a": {"x": 1, "x": [2]}, "chunks": [{"m": {"[": ["]"]}}]}',
+        b'{"a\\u0000b": 1, "chunks": [{"te\\u0000xt": "x", "embedding": [1]}]}',  # a NUL in a key
         b'\xef\xbb\xbf{"chunks": []}',
         b'{"chunks": [{"text": "\\ud800", "embedding": [1]}]}',  # a lone surrogate
         b'{"chunks": [{"text": "\xff"}]}',
@@ -649,7 +650,7 @@ def test_the_request_decoder_agrees_with_orjson_on_random_bodies():
     rng = np.random.default_rng(25)
     atoms = [b"0", b"-0", b"-0.0", b"1", b"1.5", b"1e5", b"-2E-3", b"0.1234567890123456789", b"9007199254740993",
              b"1e400", b"4.9e-324", b"true", b"null", b'"x"', b"[1]", b"[]", b"{}", b"[[2]]"]
-    strings = [b'"a"', b'"["', b'"\\u005b"', b'"\\\\u005b"', b'"\\ud800"', b'"\\u00e9"', b'"[[x]]"', b'""']
+    strings = [b'"a"', b'"["', b'"\\u005b"', b'"\\\\u005b"', b'"\\ud800"', b'"\\u00e9"', b'"[[x]]"', b'""', b'"a\\u0000"']
 
     def vector() -> bytes:
         if rng.random() < 0.7:
@@ -661,6 +662,8 @@ def test_the_request_decoder_agrees_with_orjson_on_random_bodies():
                   b'"id": ' + strings[rng.integers(len(strings))], b'"score": ' + atoms[rng.integers(len(atoms))]]
         if rng.random() < 0.1:
             fields.append(fields[rng.integers(len(fields))])  # a repeated key
+        if rng.random() < 0.1:
+            fields.append(strings[rng.integers(len(strings))] + b": [1]")  # any key
         rng.shuffle(fields)
         return b"{" + b", ".join(fields) + b"}"
 
