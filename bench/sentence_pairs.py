@@ -84,11 +84,19 @@ def _drops(sentence: str) -> list[tuple[str, str]]:
             piece = match.group()
             if match.start() == 0 or len(piece.split()) > 0.5 * len(sentence.split()):
                 continue
+            if kind == "name" and re.search(r"[.!?:]\s*$", sentence[: match.start()]):
+                continue  # a capital after a sentence's end starts a sentence: not a name
             shorter = sentence[: match.start()] + sentence[match.end() :]
             shorter = re.sub(r"\s+([,.])", r"\1", re.sub(r"\s{2,}", " ", shorter)).strip()
-            if shorter != sentence and len(shorter.split()) >= 6:
+            if _words(piece) <= _words(shorter):
+                continue  # every word of the piece is said elsewhere: nothing was removed
+            if len(shorter.split()) >= 6:
                 found.append((kind, shorter))
     return found
+
+
+def _words(text: str) -> set[str]:
+    return set(re.findall(r"\w+", text.lower()))
 
 
 def _paraphrases(path: Path) -> list[Pair]:
