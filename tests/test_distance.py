@@ -14,7 +14,7 @@ import pytest
 
 import pipeline.distance
 from pipeline.cluster import Clustering
-from pipeline.distance import GRID, MAX_DISTANCE, candidate_margin, distance_matrix, pair_distances, unit_rows
+from pipeline.distance import GRID, MAX_DISTANCE, candidate_margin, distance_matrix, pair_distances
 from pipeline.embed import l2_normalise
 from pipeline.guards import NumberGuard
 from pipeline.offload import Threads
@@ -146,30 +146,41 @@ def test_copies_and_near_copies_need_no_exact_sums(monkeypatch):
     assert calls == [] and distances[:150, :150].max() == 0.0
 
 
-# --------------------------------------------------------------------------- unit_rows
+# --------------------------------------------------------------------------- l2_normalise
+
+
+def reference_unit_rows(x: np.ndarray) -> np.ndarray:
+    """The plain definition: float64 rows over np.linalg.norm, zero rows +0.0."""
+    wide = x.astype(np.float64)
+    norms = np.linalg.norm(wide, axis=1, keepdims=True)
+    np.divide(wide, norms, out=wide, where=norms > 0)
+    wide[(norms == 0).ravel()] = 0.0
+    return wide.astype(np.float32)
 
 
 @pytest.mark.parametrize("n, d", [(0, 4), (1, 1), (3, 5), (1000, 1536), (2049, 384), (700, 3000)])
-def test_unit_rows_are_l2_normalise_bit_for_bit(n, d):
+def test_l2_normalise_is_the_plain_definition_bit_for_bit(n, d):
     rng = np.random.default_rng(n + d)
     scale = rng.choice([1e-30, 1e-3, 1.0, 1e10, 1e30], size=(n, 1))  # float32 squares would overflow
     x = (rng.normal(size=(n, d)) * scale).astype(np.float32)
     if n > 3:
         x[1], x[2], x[3] = 0.0, -0.0, np.float32(1e-45)  # zero rows; a subnormal one
-    assert unit_rows(x).tobytes() == l2_normalise(x).tobytes()
+    assert l2_normalise(x).tobytes() == reference_unit_rows(x).tobytes()
 
 
-def test_unit_rows_do_not_depend_on_the_block_size(monkeypatch):
+def test_l2_normalise_does_not_depend_on_the_block_size(monkeypatch):
+    import pipeline.embed
+
     x = np.random.default_rng(1).normal(size=(300, 96)).astype(np.float32)
-    reference = unit_rows(x)
+    reference = l2_normalise(x)
     for block in (8, 8 * 96 * 7, 1 << 30):  # one row, 7 rows, everything at once
-        monkeypatch.setattr(pipeline.distance, "UNIT_BLOCK_BYTES", block)
-        assert unit_rows(x).tobytes() == reference.tobytes()
+        monkeypatch.setattr(pipeline.embed, "NORMALISE_BLOCK_BYTES", block)
+        assert l2_normalise(x).tobytes() == reference.tobytes()
 
 
 def test_zero_rows_become_positive_zeros_and_float64_input_is_taken():
     x = np.array([[3.0, 4.0], [-0.0, 0.0], [1e100, 1e100]])  # float64, beyond float32
-    unit = unit_rows(x)
+    unit = l2_normalise(x)
     assert unit.dtype == np.float32
     assert unit.tolist() == [[0.6000000238418579, 0.800000011920929], [0.0, 0.0], [0.7071067690849304] * 2]
     assert not np.signbit(unit[1]).any()
