@@ -57,7 +57,6 @@ class TokenJudge:
 
     def __init__(self, embedder: Embedder, profile: TokenProfile):
         self.embedder, self.profile = embedder, profile
-        self._weights = token_weights(embedder, profile.idf_scale)
         self._match = profile.match * float(STATE_SCALE) ** 2  # on the integer similarity scale
         self._budget = round(profile.budget * WEIGHT_UNIT)
         self._margin = round(profile.margin * WEIGHT_UNIT)
@@ -67,7 +66,8 @@ class TokenJudge:
         out = []
         for text, ids, text_states in zip(texts, self.embedder.token_ids(texts), states):
             ids = np.asarray(ids[: len(text_states)], dtype=np.int64)
-            out.append(Sentence(ids, text_states, self._weights[ids], numbers_in(text)))
+            weights = token_weights(self.embedder, self.profile.idf_scale)[ids]  # (loads the model: in a stage)
+            out.append(Sentence(ids, text_states, weights, numbers_in(text)))
         return out
 
     def unsaid(self, said: Sentence, by: Sentence) -> np.ndarray:
