@@ -124,6 +124,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+GUNICORN = [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py"]
+
+
 class Server:
     """`gunicorn -c gunicorn.conf.py` on 127.0.0.1 with the given environment."""
 
@@ -145,8 +148,7 @@ class Server:
     def start(self) -> "Server":
         self.log = open(ROOT / f".e2e-{self.port}.log", "w+b")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py"],
-            cwd=self.root, env=self.env, stdout=self.log, stderr=subprocess.STDOUT,
+            GUNICORN, cwd=self.root, env=self.env, stdout=self.log, stderr=subprocess.STDOUT
         )
         for _ in range(600):  # up to ~60 s for the server to answer
             if self.process.poll() is not None:
@@ -157,6 +159,11 @@ class Server:
             except OSError:
                 time.sleep(0.1)
         raise RuntimeError("gunicorn did not become ready")
+
+    def run_until_exit(self, timeout: float = 60) -> subprocess.CompletedProcess:
+        """Run gunicorn in the foreground until it exits, its output captured as text (for
+        a setting that must stop it at start)."""
+        return subprocess.run(GUNICORN, cwd=self.root, env=self.env, capture_output=True, text=True, timeout=timeout)
 
     def stop(self) -> None:
         if self.process and self.process.poll() is None:

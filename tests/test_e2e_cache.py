@@ -11,15 +11,13 @@ from __future__ import annotations
 
 import json
 import random
-import subprocess
-import sys
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
-from .support import ROOT, WORDS, RedisServer, Server
+from .support import WORDS, RedisServer, Server
 
 pytestmark = pytest.mark.e2e
 
@@ -184,11 +182,7 @@ def test_cache_url_none_writes_nothing(cold, tmp_path):
 
 @pytest.mark.parametrize("url", ["memcached://localhost:11211", "redis://localhost:port", "/var/cache/distill"])
 def test_a_bad_cache_url_stops_gunicorn_at_once(url):
-    server = Server(DISTILL_CACHE_URL=url)
-    finished = subprocess.run(
-        [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py"],
-        cwd=ROOT, env=server.env, capture_output=True, text=True, timeout=60,
-    )
+    finished = Server(DISTILL_CACHE_URL=url).run_until_exit()
     assert finished.returncode == 2
     lines = [line for line in finished.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "DISTILL_CACHE_URL" in lines[0] and "Traceback" not in finished.stderr

@@ -5,11 +5,10 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import sys
 
 import pytest
 
-from .support import ROOT, Server, SSEParser, read_events, synthetic_texts
+from .support import Server, SSEParser, read_events, synthetic_texts
 
 pytestmark = pytest.mark.e2e
 
@@ -137,11 +136,7 @@ def test_a_client_that_disconnects_stops_the_work(server):
     [("DISTILL_MAX_CHUNKS", "lots"), ("DISTILL_THRESHOLD", "3"), ("WEB_CONCURRENCY", "0")],
 )
 def test_a_bad_setting_stops_gunicorn_at_once_naming_the_variable(variable, value):
-    server = Server(**{variable: value})
-    finished = subprocess.run(
-        [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py"],
-        cwd=ROOT, env=server.env, capture_output=True, text=True, timeout=60,
-    )
+    finished = Server(**{variable: value}).run_until_exit()
     assert finished.returncode != 0
     lines = [line for line in finished.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and variable in lines[0] and "Traceback" not in finished.stderr

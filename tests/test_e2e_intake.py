@@ -6,15 +6,13 @@ from __future__ import annotations
 import http.client
 import json
 import socket
-import subprocess
-import sys
 
 import pytest
 
 from app.intake import PIECE_BYTES
 from app.parsing import INLINE_MAX_BYTES
 
-from .support import ROOT, Server, SSEParser, delta, read_events
+from .support import Server, SSEParser, delta, read_events
 
 ENDPOINTS = ("/v1/dedupe", "/v1/dedupe/stream")
 TOO_LARGE = {"error": "request body too large"}
@@ -236,11 +234,7 @@ def test_every_answer_releases_its_bytes(bounded, path):
 
 @pytest.mark.parametrize("value", ["0", "lots", "1.5e9"])
 def test_a_bad_bound_stops_gunicorn_at_once_naming_the_variable(value):
-    server = Server(DISTILL_MAX_INFLIGHT_BYTES=value)
-    finished = subprocess.run(
-        [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py"],
-        cwd=ROOT, env=server.env, capture_output=True, text=True, timeout=60,
-    )
+    finished = Server(DISTILL_MAX_INFLIGHT_BYTES=value).run_until_exit()
     assert finished.returncode != 0
     lines = [line for line in finished.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "DISTILL_MAX_INFLIGHT_BYTES" in lines[0]
