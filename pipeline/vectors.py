@@ -76,9 +76,10 @@ def _embed_plans(texts, plans, embedder: Embedder, offload: Offload, clock, cach
     text's windows; returns text -> `Embedded` (with token states for one-window texts,
     within STATES_BUDGET)."""
     window_tokens = {window: tokens for plan in plans for window, tokens in plan}
-    known = cache.get_many(list(window_tokens)) if cache is not None else {}
-    todo = [window for window in window_tokens if window not in known]
     whole = {plan[0][0] for plan in plans if len(plan) == 1}  # texts that are one window
+    parts = [window for window in window_tokens if window not in whole]  # (whole texts: just missed)
+    known = cache.get_many(parts) if cache is not None else {}
+    todo = [window for window in window_tokens if window not in known]
     total = sum(window_tokens[w] for w in todo) or 1
     done, kept_bytes, last_report = 0, 0, clock()
     batches = length_sorted_batches([window_tokens[w] for w in todo], embedder.batch_size)
@@ -101,8 +102,8 @@ def _embed_plans(texts, plans, embedder: Embedder, offload: Offload, clock, cach
             last_report = clock()
             yield done / total
     combined = {text: combine_windows(plan, known) for text, plan in zip(texts, plans)}
-    if cache is not None:
-        cache.put_many({text: entry._replace(states=None) for text, entry in combined.items()})
+    if cache is not None:  # a one-window text was cached as its window
+        cache.put_many({text: entry for text, entry in combined.items() if text not in whole})
     return combined
 
 
