@@ -31,7 +31,7 @@ class TokenProfile:
     idf_scale: the idf at which a token weighs a whole content word.
     """
 
-    match: float = 0.7
+    match: float = 0.6
     budget: float = 6.0
     margin: float = 0.3
     idf_scale: float = 8.0

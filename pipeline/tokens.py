@@ -8,8 +8,12 @@ token of the shorter sentence has a close counterpart in the longer one, but
 "citing massive accounting irregularities" has none in the shorter.
 
 A token of sentence B is *said* by sentence A when A has the same token, or a
-token whose state is within `match` cosine similarity of it. The tokens A leaves
-unsaid weigh by their idf (`bench/token_weights.py`: "the" and "." nearly
+token whose state is within `match` cosine similarity of it among the tokens of A
+that B does not have itself. A word both have is accounted for by its twin;
+letting it also stand for a neighbour whose meaning its context has absorbed is
+how "set the first day of the week to Sunday (6) or to any other weekday"
+passed for the same sentence less "to Sunday": "weekday", in both, matched the
+dropped "Sunday" (0.84). The tokens A leaves unsaid weigh by their idf (`bench/token_weights.py`: "the" and "." nearly
 nothing, names and rare words most; punctuation nothing). A *covers* B when
 
 * every number in B is in A (as the number guard reads numbers),
@@ -75,8 +79,9 @@ class TokenJudge:
         if not len(said.ids):
             return np.zeros(0, dtype=bool)
         missing = ~np.isin(said.ids, by.ids)
-        if missing.any() and len(by.ids):
-            similarities = said.states[missing].astype(np.float64) @ by.states.T.astype(np.float64)
+        unshared = ~np.isin(by.ids, said.ids)  # `by`'s tokens that `said` has no twin of
+        if missing.any() and unshared.any():
+            similarities = said.states[missing].astype(np.float64) @ by.states[unshared].T.astype(np.float64)
             missing[missing] = similarities.max(axis=1) < self._match
         return missing
 

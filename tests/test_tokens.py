@@ -33,8 +33,12 @@ CLAUSE_DROPS = [
      "The json module's dumps() function serialises a Python object to a JSON formatted string."),
     ("The socket module provides access to the BSD socket interface on Unix and Windows.",
      "The socket module provides access to the socket interface on Unix and Windows."),
+    # "weekday", in both, is as close to the dropped "Sunday" as a paraphrase would be: a
+    # word both sentences have must not also stand for the one only the fuller has
+    ("Use setfirstweekday to set the first day of the week to Sunday (6) or to any other weekday.",
+     "Use setfirstweekday to set the first day of the week (6) or to any other weekday."),
 ]
-PARAPHRASE = ("Shares of Intel fell 3 percent on Tuesday.", "Intel stock dropped 3 percent Tuesday.")
+PARAPHRASE = ("Shares of Intel fell 3 percent on Tuesday.", "Intel stock dropped 3 percent on Tuesday.")
 DIFFERENT_CLAUSES = (
     "The company said profits rose sharply in the third quarter, driven by strong sales of its new "
     "smartphone models in Asia and Latin America.",
