@@ -12,7 +12,7 @@ import base64
 import binascii
 import math
 import sys
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import pybase64
@@ -39,8 +39,11 @@ def bad(message: str) -> ApiError:
     return ApiError(400, message)
 
 
-def parse_request(body: Any, config: Config) -> DedupeRequest:
-    """Validate a parsed body against the contract (limits from `config`)."""
+def parse_request(body: Any, config: Config, allocate: Callable[..., np.ndarray] = np.empty) -> DedupeRequest:
+    """Validate a parsed body against the contract (limits from `config`). When every chunk
+    brought a vector of one dimension, they are also gathered into one matrix (`vectors`),
+    made by `allocate(shape, dtype)` (the body parser process makes it where the worker can
+    map it)."""
     if not isinstance(body, dict):
         raise bad("request body must be a JSON object")
     raw_chunks = body.get("chunks")
@@ -59,6 +62,7 @@ def parse_request(body: Any, config: Config) -> DedupeRequest:
         query_embedding = _embedding(body.get("query_embedding"), "query_embedding")
     _check_dimensions(chunks[frozen_count:], query_embedding)
     return DedupeRequest(
+        vectors=_gathered(chunks, allocate),
         chunks=chunks,
         threshold=_zero_is_default(body, "threshold", 2.0),
         lambda_=_zero_is_default(body, "lambda", 1.0),
@@ -244,6 +248,14 @@ def _check_dimensions(chunks: tuple[Chunk, ...], query_embedding: np.ndarray | N
         dims.add(len(query_embedding))
     if len(dims) > 1:
         raise bad(f"all embeddings must have the same dimension, got {sorted(dims)}")
+
+
+def _gathered(chunks: tuple[Chunk, ...], allocate: Callable[..., np.ndarray]) -> np.ndarray | None:
+    """(n, d) float32, row i the vector of chunk i, when every chunk has one of one dimension."""
+    first = chunks[0].embedding
+    if first is None or any(c.embedding is None or len(c.embedding) != len(first) for c in chunks):
+        return None
+    return np.stack([c.embedding for c in chunks], out=allocate((len(chunks), len(first)), dtype=np.float32))
 
 
 def _zero_is_default(body: dict, name: str, high: float) -> float | None:

@@ -69,7 +69,8 @@ def run(
         yield from _run_stages(request, embedder, defaults, offload, clock, started, cache)
         return
     frozen = request.chunks[: request.frozen_count]
-    suffix = replace(request, chunks=request.chunks[request.frozen_count :], frozen_count=0)
+    vectors = None if request.vectors is None else request.vectors[request.frozen_count :]
+    suffix = replace(request, chunks=request.chunks[request.frozen_count :], frozen_count=0, vectors=vectors)
     result = Result(chunks=[], input_count=0, cluster_count=0)
     if suffix.chunks:
         for item in _run_stages(suffix, embedder, defaults, offload, clock, started, cache):

@@ -6,7 +6,7 @@ trusts every field.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -41,6 +41,10 @@ class DedupeRequest:
     query_embedding: np.ndarray | None = None
     frozen_count: int = 0  # leading chunks frozen as a cache prefix: returned as sent, never embedded
     explain: bool = False
+    # Every chunk's vector as one (n, d) float32 matrix, row i == chunks[i].embedding, when
+    # every chunk brought one of one dimension (validation builds it): the embedding stage
+    # takes it as it is instead of gathering the rows again. None: gather them.
+    vectors: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     @property
     def texts_to_embed(self) -> list[int]:

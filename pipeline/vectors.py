@@ -50,8 +50,10 @@ def embed_request(
     wanted = [chunks[i].text for i in request.texts_to_embed]
     if request.query is not None and request.query_embedding is None:
         wanted.append(request.query)
-    if not wanted:
-        vectors = offload(partial(np.vstack, [c.embedding for c in chunks], dtype=np.float32))
+    if not wanted:  # Go mode: every chunk brought its vector
+        vectors = request.vectors
+        if vectors is None:
+            vectors = offload(partial(np.vstack, [c.embedding for c in chunks], dtype=np.float32))
         return Embedding(vectors, request.query_embedding, False, {}), None
     yield 0.0
     unique = list(dict.fromkeys(wanted))
