@@ -103,7 +103,7 @@ def _read_request() -> tuple[float, DedupeRequest]:
     note when parsing ended."""
     service = current_app.extensions["distill"]
     ticket = service.intake.ticket(request.environ)
-    body = read_body(request.environ, service.config.max_body_bytes, ticket)
+    body = read_body(request.environ, service.config.max_body_bytes, ticket, service.parser.buffer)
     dedupe_request, validation_s = service.parser(body)
     del body
     started = time.perf_counter() - validation_s

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
 import re
 from typing import Any
 
@@ -30,19 +31,21 @@ class JSONError(ValueError):
     """The body is not valid JSON (the message says where)."""
 
 
-def loads(raw: bytes) -> Any:
+def loads(raw: bytes | bytearray | memoryview | mmap.mmap) -> Any:
     """Parse a request body. NaN/Infinity tokens and invalid UTF-8 are errors.
 
     An escaped lone surrogate ("\\ud800") is valid JSON that orjson refuses;
     as Go does, it becomes U+FFFD.
     """
+    if isinstance(raw, mmap.mmap):
+        raw = memoryview(raw)
     try:
         return orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         if "surrogate" not in str(exc):
             raise JSONError(str(exc)) from None
     try:
-        text = raw.decode("utf-8")
+        text = bytes(raw).decode("utf-8")
         return _replace_surrogates(
             json.loads(
                 text, parse_constant=_refuse_constant, parse_float=_float, parse_int=_int
@@ -74,7 +77,7 @@ class RequestDecoder:
     def __init__(self) -> None:
         self._parser = simdjson.Parser()
 
-    def loads(self, raw: bytes | bytearray) -> Any:
+    def loads(self, raw: bytes | bytearray | memoryview | mmap.mmap) -> Any:
         if raw[:3] == _BOM:
             return loads(raw)
         try:
@@ -111,7 +114,7 @@ class _Census:
         self._plain: list[Any] = []  # every other value that is (or holds) a string or array
         self._keys: list[str] = []
 
-    def no_array_flattened(self, raw: bytes | bytearray) -> bool:
+    def no_array_flattened(self, raw: bytes | bytearray | memoryview | mmap.mmap) -> bool:
         """Whether the body holds exactly the arrays read: one '[' each, plus those in strings
         (counted from the strings; an escaped '[' in a string could hide one, so a body with a
         '[' in a string and an escape that may be one is not trusted)."""
@@ -129,9 +132,9 @@ class _Census:
             elif isinstance(value, dict):
                 in_strings += "".join(value).count("[")
                 pending.extend(value.values())
-        if in_strings and _ESCAPED_BRACKET in raw:
+        if in_strings and (raw if hasattr(raw, "find") else bytes(raw)).find(_ESCAPED_BRACKET) >= 0:
             return False
-        return raw.count(b"[") - in_strings == arrays
+        return count_byte(raw, ord("[")) - in_strings == arrays
 
     def body(self, document: "simdjson.Object") -> dict:
         """The top-level object; its `chunks` (when an array) one object at a time."""
@@ -182,6 +185,21 @@ class _Census:
         if isinstance(value, (str, list, dict)):
             self._plain.append(value)
         return value
+
+
+def count_byte(raw: bytes | bytearray | memoryview | mmap.mmap, value: int) -> int:
+    """How many bytes of `raw` equal `value`: numpy on ~1 MB blocks (`bytes.count` took
+    8 ms for 17.5 MB, this ~1 ms, and it reads a mapping in place)."""
+    data = np.frombuffer(raw, dtype=np.uint8)
+    equal = np.empty(min(len(data), _COUNT_BLOCK), dtype=bool)
+    total = 0
+    for start in range(0, len(data), _COUNT_BLOCK):
+        block = data[start : start + _COUNT_BLOCK]
+        total += int(np.count_nonzero(np.equal(block, value, out=equal[: len(block)])))
+    return total
+
+
+_COUNT_BLOCK = 1 << 20
 
 
 def dumps(obj: Any) -> bytes:
