@@ -125,17 +125,14 @@ def _run_stages(
     labels, eligible, guard_objects = yield from _stage(
         CLUSTERING, _cluster(unit, texts, threshold, guards, coverage, request.linkage, offload, clock), clock
     )
-    clusters = members(labels)
-    scores = np.array([c.score for c in chunks], dtype=np.float64)
-    picked = yield from _stage(
-        SELECTION, _select(clusters, request.selection, unit, scores, texts, eligible, offload), clock
+    picked, scores, cluster_count = yield from _stage(
+        SELECTION, _select(labels, request.selection, unit, chunks, texts, eligible, offload), clock
     )
     per_cluster = picked
     if 0 < request.target_k < len(picked):
         lambda_ = defaults.lambda_ if request.lambda_ is None else request.lambda_
-        relevance = _relevance(picked, scores, unit, query_vector)
         picked = yield from _stage(
-            MMR, _mmr(picked, unit, relevance, lambda_, request.target_k, offload), clock
+            MMR, _mmr(picked, scores, unit, query_vector, lambda_, request.target_k, offload), clock
         )
     explained = None
     if request.explain:
@@ -147,7 +144,7 @@ def _run_stages(
             for i in picked
         ],
         input_count=len(chunks),
-        cluster_count=len(clusters),
+        cluster_count=cluster_count,
         latency_ms=int((clock() - started) * 1000),
         labels=tuple(labels.tolist()),
         explain=explained,
@@ -212,10 +209,19 @@ def _cluster(unit, texts, threshold, guards, coverage: Coverage | None, method, 
     return (job.labels, job.eligible, guards_used), stats
 
 
-def _select(clusters, strategy, unit, scores, texts, eligible, offload: Offload):
+def _select(labels, strategy, unit, chunks, texts, eligible, offload: Offload):
     yield 0.0
-    picked = offload(representatives, clusters, strategy, unit, scores, texts, eligible)
-    return picked, {"selected": len(picked)}
+    picked, scores, cluster_count = offload(_representatives, labels, strategy, unit, chunks, texts, eligible)
+    return (picked, scores, cluster_count), {"selected": len(picked)}
+
+
+def _representatives(labels, strategy, unit, chunks, texts, eligible) -> tuple[list[int], np.ndarray, int]:
+    """The selection stage's work, in one call off the event loop (the clusters' member
+    lists alone are ~10 ms at 10,000 chunks): each cluster's representative, every chunk's
+    score (for MMR) and how many clusters there are."""
+    clusters = members(labels)
+    scores = np.array([c.score for c in chunks], dtype=np.float64)
+    return representatives(clusters, strategy, unit, scores, texts, eligible), scores, len(clusters)
 
 
 def _relevance(picked: Sequence[int], scores, unit, query_vector) -> np.ndarray:
@@ -226,10 +232,17 @@ def _relevance(picked: Sequence[int], scores, unit, query_vector) -> np.ndarray:
     return unit[list(picked)].astype(np.float64) @ query
 
 
-def _mmr(picked, unit, relevance, lambda_, target_k, offload: Offload):
+def _mmr(picked, scores, unit, query_vector, lambda_, target_k, offload: Offload):
     yield 0.0
-    by_input = np.argsort(picked, kind="stable")  # ties go to the earliest input
-    candidates = np.asarray(picked)[by_input]
-    order = offload(mmr_order, unit[candidates], relevance[by_input], lambda_, target_k)
-    chosen = [int(candidates[p]) for p in order]
+    chosen = offload(_mmr_picks, picked, scores, unit, query_vector, lambda_, target_k)
     return chosen, {"output_count": len(chosen)}
+
+
+def _mmr_picks(picked, scores, unit, query_vector, lambda_, target_k) -> list[int]:
+    """The MMR stage's work, in one call off the event loop: relevance, the candidates in
+    input order (ties go to the earliest input), the picks as input indices."""
+    relevance = _relevance(picked, scores, unit, query_vector)
+    by_input = np.argsort(picked, kind="stable")
+    candidates = np.asarray(picked)[by_input]
+    order = mmr_order(unit[candidates], relevance[by_input], lambda_, target_k)
+    return [int(candidates[p]) for p in order]
