@@ -352,22 +352,51 @@ def tile_rows(n: int, dim: int, tile_bytes: int = TILE_BYTES) -> list[tuple[int,
     """Row ranges (r0, r1): tile k is rows r0..r1 against columns r0..n (the upper
     triangle), with <= tile_bytes of float32 and <= TILE_MACS multiply-adds.
     At least 2 rows, so every tile is a GEMM (a 1-row product takes the gemv path);
-    the last row alone has no pair above the diagonal. A lone tile of SPLIT_MIN_N
-    rows or more is cut in two of about equal work, so two threads share it: the
-    second is square (rows cut..n against themselves), which numpy computes as a
-    symmetric product (BLAS syrk: half the multiply-adds), so the cut is where
-    cut·n == (n - cut)²/2 (the cut of two equal plain products left the first
-    tile ~1.4x the second's time at 1,000 x 1,536)."""
-    tiles, r0 = [], 0
-    while r0 < n - 1:
-        width = n - r0
-        rows = max(2, min(tile_bytes // 4, TILE_MACS // dim) // width)
-        tiles.append((r0, min(n, r0 + rows)))
-        r0 = tiles[-1][1]
+    the last row alone has no pair above the diagonal. The last tile is square (rows
+    r0..n against themselves), which numpy computes as a symmetric product (BLAS syrk:
+    half the multiply-adds). A lone tile of SPLIT_MIN_N rows or more is cut in two of
+    about equal work, so two threads share it: where cut·n == (n - cut)²/2 (the cut of
+    two equal plain products left the first tile ~1.4x the second's time at
+    1,000 x 1,536). An odd number of tiles, which left one thread idle for the last
+    step, becomes one more, cut so that the tiles' work is about equal (10,000 x 384:
+    two tiles, then one of less than a third of their time, became two steps of two)."""
+    limit = max(1, min(tile_bytes // 4, TILE_MACS // dim))  # float32 entries per tile
+    tiles = _cut_tiles(n, limit, float("inf"))
     if len(tiles) == 1 and n >= SPLIT_MIN_N:
         cut = round(n * (2 - 3**0.5))  # cut·n == (n - cut)²/2: equal work
         tiles = [(0, cut), (cut, n)]
+    elif len(tiles) > 1 and len(tiles) % 2:
+        tiles = _balanced_tiles(n, limit, len(tiles) + 1)
     return tiles
+
+
+def _cut_tiles(n: int, limit: int, most: float) -> list[tuple[int, int]]:
+    """Each tile as many rows as fit `limit` entries and `most` work (multiply-adds per
+    dimension: rows x width, or width²/2 for the square last one), at least 2 rows."""
+    tiles, r0 = [], 0
+    while r0 < n - 1:
+        width = n - r0
+        if width * width <= limit and width * width / 2 <= most:
+            tiles.append((r0, n))
+            break
+        rows = max(2, min(limit // width, most // width))
+        tiles.append((r0, min(n, r0 + int(rows))))
+        r0 = tiles[-1][1]
+    return tiles
+
+
+def _balanced_tiles(n: int, limit: int, count: int) -> list[tuple[int, int]]:
+    """At most `count` tiles whose largest work is as small as it can be (a bisection)."""
+    low, high = 0.0, float(n) * n
+    best = _cut_tiles(n, limit, high)
+    for _ in range(60):
+        middle = (low + high) / 2
+        tiles = _cut_tiles(n, limit, middle)
+        if len(tiles) <= count:
+            best, high = tiles, middle
+        else:
+            low = middle
+    return best
 
 
 def _groups(component: np.ndarray, min_size: int):
