@@ -112,19 +112,34 @@ def check_against_model(
 
 
 def _chunk(raw: Any, index: int) -> Chunk:
-    where = f"chunks[{index}]"
+    """One chunk. The common cases (a string or null, a vector decoded as an array, an int or
+    float score) are checked inline; anything else takes the general checks, with the same
+    messages (at 10,000 chunks the messages' places, formatted up front, cost ~10 ms)."""
     if not isinstance(raw, dict):
-        raise bad(f"{where} must be an object")
-    text = _optional_string(raw.get("text"), f"{where}.text") or ""
-    embedding = _embedding(raw.get("embedding"), f"{where}.embedding")
+        raise bad(f"chunks[{index}] must be an object")
+    text = raw.get("text")
+    if text is None:
+        text = ""
+    elif type(text) is not str:
+        text = _optional_string(text, f"chunks[{index}].text") or ""
+    value = raw.get("embedding")
+    if type(value) is np.ndarray:
+        embedding = value.astype(np.float32)  # too big for float32 -> inf -> refused
+        if not np.isfinite(embedding).all():
+            raise bad(f"chunks[{index}].embedding must contain finite float32 numbers")
+    else:
+        embedding = _base64_vector(value) if type(value) is str else None
+        if embedding is None:
+            embedding = _embedding(value, f"chunks[{index}].embedding")
     if not text and embedding is None:
-        raise bad(f"{where} needs a non-empty text or an embedding")
-    return Chunk(
-        id=_optional_string(raw.get("id"), f"{where}.id") or "",
-        text=text,
-        score=_score(raw.get("score"), f"{where}.score"),
-        embedding=embedding,
-    )
+        raise bad(f"chunks[{index}] needs a non-empty text or an embedding")
+    id_ = raw.get("id")
+    if type(id_) is not str:
+        id_ = _optional_string(id_, f"chunks[{index}].id") or ""
+    score = raw.get("score")
+    if not (type(score) is float and math.isfinite(score) or type(score) is int and -(2**63) <= score < 2**63):
+        score = _score(score, f"chunks[{index}].score")
+    return Chunk(id=id_, text=text, score=score, embedding=embedding)
 
 
 def _preserve_cache_prefix(options: Any) -> bool:
@@ -233,6 +248,19 @@ def _from_base64(value: str, where: str) -> np.ndarray:
     if len(raw) % 4:
         raise bad(f"{where} must decode to whole float32 values ({len(raw)} bytes)")
     return np.frombuffer(raw, dtype="<f4").astype(np.float32, copy=False)  # a copy only if big-endian
+
+
+def _base64_vector(value: str) -> np.ndarray | None:
+    """`_from_base64`'s vector when all is well (valid, whole float32s, all finite), else None:
+    the general path then decides, with its messages."""
+    try:
+        raw = pybase64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError, TypeError):
+        return None
+    if not raw or len(value) != 4 * -(-len(raw) // 3) or len(raw) % 4:
+        return None
+    vector = np.frombuffer(raw, dtype="<f4").astype(np.float32, copy=False)
+    return vector if np.isfinite(vector).all() else None
 
 
 def _b64decode_exact(value: str, where: str) -> bytes:
