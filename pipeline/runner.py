@@ -219,9 +219,21 @@ def _representatives(labels, strategy, unit, chunks, texts, eligible) -> tuple[l
     """The selection stage's work, in one call off the event loop (the clusters' member
     lists alone are ~10 ms at 10,000 chunks): each cluster's representative, every chunk's
     score (for MMR) and how many clusters there are."""
-    clusters = members(labels)
     scores = np.array([c.score for c in chunks], dtype=np.float64)
+    if strategy == "score" and (eligible is None or eligible.all()):
+        return best_scored(labels, scores), scores, int(labels.max()) + 1
+    clusters = members(labels)
     return representatives(clusters, strategy, unit, scores, texts, eligible), scores, len(clusters)
+
+
+def best_scored(labels: np.ndarray, scores: np.ndarray) -> list[int]:
+    """`representatives(members(labels), "score", ...)` when every chunk may represent its
+    cluster, in one sort instead of a member list and an argmax per cluster (~700 clusters:
+    3 ms -> 0.2 ms): each cluster's highest score, ties to the earliest input."""
+    order = np.lexsort((-scores, labels))  # by cluster, then score descending; stable: input order
+    sorted_labels = labels[order]
+    firsts = np.flatnonzero(np.r_[True, sorted_labels[1:] != sorted_labels[:-1]])
+    return order[firsts].tolist()
 
 
 def _relevance(picked: Sequence[int], scores, unit, query_vector) -> np.ndarray:

@@ -155,3 +155,19 @@ def test_a_frozen_prefix_with_gathered_vectors_gives_the_same_result_as_without(
     gathered = DedupeRequest(chunks=chunks, frozen_count=3, target_k=4, vectors=x)
     wire = lambda r: {**drain(run(r, embedder=None)).to_wire(), "stats": None}  # noqa: E731
     assert wire(plain) == wire(gathered)
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_the_best_scored_member_per_cluster_in_one_sort_is_what_selection_picks(seed):
+    from pipeline.cluster import members
+    from pipeline.runner import best_scored
+    from pipeline.select import representatives
+
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(1, 300))
+    labels = rng.integers(0, max(1, n // 3), n)
+    _, labels = np.unique(labels, return_inverse=True)  # 0..k-1, each present
+    scores = rng.choice([0.0, -0.0, 1.0, 0.5, -2.0, 3.0, 1e300, -1e-300], n)  # ties, signed zeros
+    unit = np.zeros((n, 2), dtype=np.float32)
+    expected = representatives(members(labels), "score", unit, scores, [""] * n)
+    assert best_scored(labels, scores) == expected
