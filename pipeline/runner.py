@@ -14,6 +14,7 @@ thread; that is how far work can run on after a client leaves.
 from __future__ import annotations
 
 import time
+from functools import partial
 from dataclasses import dataclass, replace
 from typing import Callable, Iterator, Sequence
 
@@ -34,6 +35,7 @@ from .types import CachePrefix, DedupeRequest, OutputChunk, Result, StageError, 
 from .vectors import PROGRESS_INTERVAL_S, embed_request
 
 EMBEDDING, CLUSTERING, SELECTION, MMR = "embedding", "clustering", "selection", "mmr"
+SPLIT_NORMALISE = 1 << 18  # vector entries from which the rows are normalised in blocks at once
 
 @dataclass(frozen=True)
 class Defaults:
@@ -111,7 +113,7 @@ def _run_stages(
     chunks = request.chunks
     embedding = yield from _stage(EMBEDDING, embed_request(request, embedder, offload, clock, cache), clock)
     vectors, query_vector, model_mode = embedding.vectors, embedding.query, embedding.model_mode
-    unit = offload(l2_normalise, vectors)  # ~10 ms at 2,000 x 1,536: off the event loop
+    unit = _unit_rows(vectors, offload)
     threshold = request.threshold
     if threshold is None:
         threshold = defaults.model_threshold if model_mode else defaults.go_threshold
@@ -149,6 +151,21 @@ def _run_stages(
         labels=tuple(labels.tolist()),
         explain=explained,
     )
+
+
+def _unit_rows(vectors: np.ndarray, offload: Offload) -> np.ndarray:
+    """`l2_normalise(vectors)` off the event loop (~3 ms at 1,000 x 1,536); a big matrix in
+    `offload.width` row blocks at once (each row's result is the same in any block)."""
+    if offload.width < 2 or vectors.size < SPLIT_NORMALISE:
+        return offload(l2_normalise, vectors)
+    unit = np.empty(vectors.shape, dtype=np.float32)
+    bounds = np.linspace(0, len(vectors), offload.width + 1).astype(int)
+
+    def rows(a: int, b: int) -> None:
+        unit[a:b] = l2_normalise(vectors[a:b])
+
+    offload.all([partial(rows, a, b) for a, b in zip(bounds[:-1], bounds[1:])])
+    return unit
 
 
 def drain(events: Iterator[StageEvent | Result]) -> Result:

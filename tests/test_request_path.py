@@ -171,3 +171,19 @@ def test_the_best_scored_member_per_cluster_in_one_sort_is_what_selection_picks(
     unit = np.zeros((n, 2), dtype=np.float32)
     expected = representatives(members(labels), "score", unit, scores, [""] * n)
     assert best_scored(labels, scores) == expected
+
+
+@pytest.mark.parametrize("shape", [(1, 3), (300, 7), (1000, 384), (513, 1536)])
+def test_rows_normalised_in_blocks_at_once_are_the_rows_normalised_whole(shape):
+    from pipeline.embed import l2_normalise
+    from pipeline.offload import Threads
+    from pipeline.runner import _unit_rows
+
+    rng = np.random.default_rng(shape[0])
+    x = (rng.normal(size=shape) * rng.choice([1e-30, 1.0, 1e30], size=(shape[0], 1))).astype(np.float32)
+    x[::7] = 0.0
+    threads = Threads(2)
+    try:
+        assert np.array_equal(_unit_rows(x, threads).view(np.uint32), l2_normalise(x).view(np.uint32))
+    finally:
+        threads.close()
