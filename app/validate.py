@@ -139,7 +139,12 @@ def _chunk(raw: Any, index: int) -> Chunk:
     score = raw.get("score")
     if not (type(score) is float and math.isfinite(score) or type(score) is int and -(2**63) <= score < 2**63):
         score = _score(score, f"chunks[{index}].score")
-    return Chunk(id=id_, text=text, score=score, embedding=embedding)
+    chunk = _new_chunk(Chunk)  # as unpickling makes one: the frozen dataclass's __init__ cost
+    chunk.__dict__.update(id=id_, text=text, score=score, embedding=embedding)  # ~1 µs a chunk
+    return chunk
+
+
+_new_chunk = object.__new__
 
 
 def _preserve_cache_prefix(options: Any) -> bool:
