@@ -19,10 +19,11 @@ def mmr_order(unit: np.ndarray, relevance: np.ndarray, lambda_: float, k: int) -
     redundancy = np.zeros(m)  # max(0, max similarity to anything picked)
     available = np.ones(m, dtype=bool)
     picks: list[int] = []
-    for _ in range(k):
+    for step in range(k):
         value = np.where(available, gain - (1 - lambda_) * redundancy, -np.inf)
         pick = int(np.argmax(value))
         picks.append(pick)
         available[pick] = False
-        np.maximum(redundancy, unit @ unit[pick], out=redundancy)  # float32 product
+        if step + 1 < k:  # (after the last pick nothing reads it)
+            np.maximum(redundancy, unit @ unit[pick], out=redundancy)  # float32 product
     return picks
