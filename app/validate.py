@@ -56,13 +56,17 @@ def parse_request(body: Any, config: Config, allocate: Callable[..., np.ndarray]
             413, f"too many chunks: {len(raw_chunks)} > DISTILL_MAX_CHUNKS ({config.max_chunks})"
         )
     with np.errstate(over="ignore"):  # a number too big for float32 -> inf -> refused (once, not per vector)
-        chunks = tuple(_chunk(raw, i) for i, raw in enumerate(raw_chunks))
+        decoded = _base64_rows(raw_chunks)
+        if decoded is None:
+            chunks = tuple(_chunk(raw, i) for i, raw in enumerate(raw_chunks))
+        else:
+            chunks = tuple(_chunk(raw, i, row) for i, (raw, row) in enumerate(zip(raw_chunks, decoded)))
         markers = [_cache_marker(raw.get("cache_control"), i) for i, raw in enumerate(raw_chunks)]
         frozen_count = _frozen_count(markers) if _preserve_cache_prefix(body.get("options")) else 0
         query_embedding = _embedding(body.get("query_embedding"), "query_embedding")
     _check_dimensions(chunks[frozen_count:], query_embedding)
     return DedupeRequest(
-        vectors=_gathered(chunks, allocate),
+        vectors=_gathered(chunks, allocate, decoded),
         chunks=chunks,
         threshold=_zero_is_default(body, "threshold", 2.0),
         lambda_=_zero_is_default(body, "lambda", 1.0),
@@ -111,10 +115,11 @@ def check_against_model(
             )
 
 
-def _chunk(raw: Any, index: int) -> Chunk:
+def _chunk(raw: Any, index: int, decoded: np.ndarray | None = None) -> Chunk:
     """One chunk. The common cases (a string or null, a vector decoded as an array, an int or
     float score) are checked inline; anything else takes the general checks, with the same
-    messages (at 10,000 chunks the messages' places, formatted up front, cost ~10 ms)."""
+    messages (at 10,000 chunks the messages' places, formatted up front, cost ~10 ms).
+    `decoded`: its base64 vector, already decoded and checked (`_base64_rows`)."""
     if not isinstance(raw, dict):
         raise bad(f"chunks[{index}] must be an object")
     text = raw.get("text")
@@ -123,7 +128,9 @@ def _chunk(raw: Any, index: int) -> Chunk:
     elif type(text) is not str:
         text = _optional_string(text, f"chunks[{index}].text") or ""
     value = raw.get("embedding")
-    if type(value) is np.ndarray:
+    if decoded is not None:
+        embedding = decoded
+    elif type(value) is np.ndarray:
         embedding = value.astype(np.float32)  # too big for float32 -> inf -> refused
         if not np.isfinite(embedding).all():
             raise bad(f"chunks[{index}].embedding must contain finite float32 numbers")
@@ -255,6 +262,33 @@ def _from_base64(value: str, where: str) -> np.ndarray:
     return np.frombuffer(raw, dtype="<f4").astype(np.float32, copy=False)  # a copy only if big-endian
 
 
+def _base64_rows(raw_chunks: list) -> np.ndarray | None:
+    """Every chunk's base64 vector decoded at once, as the rows of one (n, d) float32 matrix,
+    when each chunk is an object whose embedding is a base64 string of the same length, with
+    no padding, every value finite: what decoding each one gives (their groups of 4
+    characters decode alike, joined or apart), in one call (1,000 x 1,536: ~8 ms of
+    per-chunk decoding and checks -> ~3 ms). Else None: each is decoded on its own."""
+    try:
+        values = [raw["embedding"] for raw in raw_chunks]
+    except (TypeError, KeyError):
+        return None
+    first = values[0]
+    if type(first) is not str or not first or len(first) % 4 or first[-1] == "=":
+        return None
+    size = len(first)
+    if not all(type(value) is str and len(value) == size and value[-1] != "=" for value in values):
+        return None
+    try:
+        raw = pybase64.b64decode("".join(values), validate=True)
+    except (binascii.Error, ValueError, TypeError):
+        return None
+    width = size // 4 * 3
+    if len(raw) != width * len(values) or width % 4:
+        return None
+    rows = np.frombuffer(raw, dtype="<f4").astype(np.float32, copy=False).reshape(len(values), width // 4)
+    return rows if np.isfinite(rows).all() else None
+
+
 def _base64_vector(value: str) -> np.ndarray | None:
     """`_from_base64`'s vector when all is well (valid, whole float32s, all finite), else None:
     the general path then decides, with its messages."""
@@ -283,12 +317,19 @@ def _check_dimensions(chunks: tuple[Chunk, ...], query_embedding: np.ndarray | N
         raise bad(f"all embeddings must have the same dimension, got {sorted(dims)}")
 
 
-def _gathered(chunks: tuple[Chunk, ...], allocate: Callable[..., np.ndarray]) -> np.ndarray | None:
-    """(n, d) float32, row i the vector of chunk i, when every chunk has one of one dimension."""
+def _gathered(
+    chunks: tuple[Chunk, ...], allocate: Callable[..., np.ndarray], decoded: np.ndarray | None = None
+) -> np.ndarray | None:
+    """(n, d) float32, row i the vector of chunk i, when every chunk has one of one dimension
+    (`decoded`: those rows, when `_base64_rows` decoded them all)."""
     first = chunks[0].embedding
     if first is None or any(c.embedding is None or len(c.embedding) != len(first) for c in chunks):
         return None
-    return np.stack([c.embedding for c in chunks], out=allocate((len(chunks), len(first)), dtype=np.float32))
+    out = allocate((len(chunks), len(first)), dtype=np.float32)
+    if decoded is not None:  # every chunk's vector is its row
+        np.copyto(out, decoded)
+        return out
+    return np.stack([c.embedding for c in chunks], out=out)
 
 
 def _zero_is_default(body: dict, name: str, high: float) -> float | None:

@@ -187,3 +187,48 @@ def test_rows_normalised_in_blocks_at_once_are_the_rows_normalised_whole(shape):
         assert np.array_equal(_unit_rows(x, threads).view(np.uint32), l2_normalise(x).view(np.uint32))
     finally:
         threads.close()
+
+
+def b64(values) -> str:
+    import base64
+
+    return base64.b64encode(np.asarray(values, dtype="<f4").tobytes()).decode()
+
+
+@pytest.mark.parametrize("dim", [6, 12, 384, 7, 8])  # 7 and 8: padded strings, decoded one by one
+def test_base64_vectors_decoded_at_once_are_each_ones_decoding(dim):
+    from app.validate import _chunk, parse_request
+
+    rng = np.random.default_rng(dim)
+    raw = [{"id": str(i), "embedding": b64(rng.normal(size=dim)), "score": i} for i in range(50)]
+    request = parse_request({"chunks": raw}, Config())
+    expected = [_chunk(dict(c), i) for i, c in enumerate(raw)]
+    for got, want in zip(request.chunks, expected):
+        assert (got.id, got.text, got.score) == (want.id, want.text, want.score)
+        assert np.array_equal(got.embedding.view(np.uint32), want.embedding.view(np.uint32))
+    assert np.array_equal(request.vectors, np.stack([c.embedding for c in expected]))
+
+
+@pytest.mark.parametrize("case, message", [
+    ("bad-character-late-bad-id-early", "chunks[2].id must be a string"),
+    ("not-finite", "chunks[3].embedding must contain finite float32 numbers"),
+    ("padding-in-the-middle", "chunks[4].embedding is not valid base64"),
+    ("one-shorter", "all embeddings must have the same dimension, got [5, 6]"),
+])
+def test_base64_vectors_decoded_at_once_keep_every_message(case, message):
+    from app.validate import parse_request
+
+    rng = np.random.default_rng(0)
+    raw = [{"id": str(i), "embedding": b64(rng.normal(size=6))} for i in range(8)]
+    if case == "bad-character-late-bad-id-early":
+        raw[2]["id"] = 5
+        raw[6]["embedding"] = "!" + raw[6]["embedding"][1:]
+    elif case == "not-finite":
+        raw[3]["embedding"] = b64([1, 2, np.inf, 4, 5, 6])
+    elif case == "padding-in-the-middle":
+        raw[4]["embedding"] = raw[4]["embedding"][:6] + "=" + raw[4]["embedding"][7:]
+    else:
+        raw[5]["embedding"] = b64(rng.normal(size=5))
+    with pytest.raises(ApiError) as info:
+        parse_request({"chunks": raw}, Config())
+    assert info.value.message == message
