@@ -56,7 +56,9 @@ def parse_request(body: Any, config: Config, allocate: Callable[..., np.ndarray]
             413, f"too many chunks: {len(raw_chunks)} > DISTILL_MAX_CHUNKS ({config.max_chunks})"
         )
     with np.errstate(over="ignore"):  # a number too big for float32 -> inf -> refused (once, not per vector)
-        decoded = _base64_rows(raw_chunks)
+        decoded = gathered = _array_rows(raw_chunks, allocate)
+        if decoded is None:
+            decoded = _base64_rows(raw_chunks)
         if decoded is None:
             chunks = tuple(_chunk(raw, i) for i, raw in enumerate(raw_chunks))
         else:
@@ -66,7 +68,7 @@ def parse_request(body: Any, config: Config, allocate: Callable[..., np.ndarray]
         query_embedding = _embedding(body.get("query_embedding"), "query_embedding")
     _check_dimensions(chunks[frozen_count:], query_embedding)
     return DedupeRequest(
-        vectors=_gathered(chunks, allocate, decoded),
+        vectors=gathered if gathered is not None else _gathered(chunks, allocate, decoded),
         chunks=chunks,
         threshold=_zero_is_default(body, "threshold", 2.0),
         lambda_=_zero_is_default(body, "lambda", 1.0),
@@ -260,6 +262,25 @@ def _from_base64(value: str, where: str) -> np.ndarray:
     if len(raw) % 4:
         raise bad(f"{where} must decode to whole float32 values ({len(raw)} bytes)")
     return np.frombuffer(raw, dtype="<f4").astype(np.float32, copy=False)  # a copy only if big-endian
+
+
+def _array_rows(raw_chunks: list, allocate: Callable[..., np.ndarray]) -> np.ndarray | None:
+    """Every chunk's vector, when each chunk is an object whose embedding the decoder made an
+    array of one length, cast to float32 in one pass into the request's matrix (made by
+    `allocate`) and checked finite at once: what each one's own cast gives. Else None:
+    each is checked on its own, for its message."""
+    try:
+        values = [raw["embedding"] for raw in raw_chunks]
+    except (TypeError, KeyError):
+        return None
+    first = values[0]
+    if type(first) is not np.ndarray or first.ndim != 1 or not len(first):
+        return None
+    size = len(first)
+    if not all(type(value) is np.ndarray and value.shape == (size,) for value in values):
+        return None
+    rows = np.stack(values, out=allocate((len(values), size), dtype=np.float32), casting="same_kind")
+    return rows if np.isfinite(rows).all() else None
 
 
 def _base64_rows(raw_chunks: list) -> np.ndarray | None:

@@ -232,3 +232,23 @@ def test_base64_vectors_decoded_at_once_keep_every_message(case, message):
     with pytest.raises(ApiError) as info:
         parse_request({"chunks": raw}, Config())
     assert info.value.message == message
+
+
+def test_decoded_arrays_cast_at_once_are_each_ones_cast_and_keep_every_message():
+    from app.validate import parse_request
+
+    rng = np.random.default_rng(5)
+    values = rng.normal(size=(40, 9)) * rng.choice([1e-40, 1.0, 1e30], size=(40, 1))
+    raw = [{"id": str(i), "embedding": values[i].copy(), "score": 1} for i in range(40)]
+    request = parse_request({"chunks": raw}, Config())
+    for chunk, row in zip(request.chunks, values):
+        assert np.array_equal(chunk.embedding.view(np.uint32), row.astype(np.float32).view(np.uint32))
+    assert np.array_equal(request.vectors, values.astype(np.float32))
+    raw[3]["embedding"][4] = 1e39  # past float32: infinite once cast
+    with pytest.raises(ApiError) as info:
+        parse_request({"chunks": raw}, Config())
+    assert info.value.message == "chunks[3].embedding must contain finite float32 numbers"
+    raw[1]["id"] = 7
+    with pytest.raises(ApiError) as info:
+        parse_request({"chunks": raw}, Config())
+    assert info.value.message == "chunks[1].id must be a string"
