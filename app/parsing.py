@@ -56,7 +56,8 @@ _ROOT = Path(__file__).resolve().parent.parent
 _HEADER = struct.Struct("!Q")
 _PIECE_BYTES = 256 * 1024  # as bodies are read: the loop serves others between pieces
 ARENA_GRAIN = 1 << 20  # arenas are whole MiB, so a body reuses one a little bigger
-ARENAS_KEPT = 2  # unused arenas a worker keeps (each as big as a body it took)
+ARENAS_KEPT = 2  # unused arenas a worker keeps (each as big as a body it took) ...
+ARENAS_KEPT_BYTES = 128 << 20  # ... and their bytes: a huge body's is let go (two of 64 MiB fit)
 
 
 def parse_body(
@@ -113,13 +114,14 @@ class Arenas:
     them; a buffer used before costs nothing. One holds a body, then (the helper writes it
     there once the body is parsed) the request's matrix of vectors, until that matrix is
     collected; then it is given back (from any thread: it waits in `returned` until the
-    loop takes the next one). At most `keep` wait unused. The id of every arena collected
+    loop takes the next one). At most `keep` wait unused, of at most `keep_bytes` in all
+    (the biggest go first). The id of every arena collected
     (dropped from here, or never given back: a body that was not read whole) goes to
     `dropped`, so the helper is told to unmap it.
     """
 
-    def __init__(self, keep: int = ARENAS_KEPT):
-        self.keep = keep
+    def __init__(self, keep: int = ARENAS_KEPT, keep_bytes: int = ARENAS_KEPT_BYTES):
+        self.keep, self.keep_bytes = keep, keep_bytes
         self.free: list[SharedBuffer] = []
         self.returned: deque[SharedBuffer] = deque()
         self.dropped: deque[int] = deque()
@@ -143,6 +145,8 @@ class Arenas:
             self.free.append(self.returned.popleft())
         while len(self.free) > self.keep:
             self.free.remove(min(self.free, key=len))
+        while sum(map(len, self.free)) > self.keep_bytes:
+            self.free.remove(max(self.free, key=len))
 
 
 class BodyParser:

@@ -252,3 +252,16 @@ def test_decoded_arrays_cast_at_once_are_each_ones_cast_and_keep_every_message()
     with pytest.raises(ApiError) as info:
         parse_request({"chunks": raw}, Config())
     assert info.value.message == "chunks[1].id must be a string"
+
+
+def test_unused_arenas_are_kept_up_to_a_number_of_bytes_the_biggest_let_go_first():
+    arenas = Arenas(keep=3, keep_bytes=6 << 20)
+    taken = [arenas.take(size) for size in (1 << 20, 4 << 20, 3 << 20)]
+    for arena in taken:
+        arenas.give_back(arena)
+    del taken, arena
+    held = arenas.take(1)  # settles, then takes the smallest
+    gc.collect()
+    assert len(held) == 1 << 20
+    assert [len(a) for a in arenas.free] == [3 << 20]  # 8 MiB kept would pass 6: the 4 MiB one went
+    assert len(arenas.dropped) == 1
