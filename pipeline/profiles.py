@@ -33,7 +33,7 @@ class TokenProfile:
 
     match: float = 0.6
     budget: float = 6.0
-    margin: float = 0.3
+    margin: float = 0.33
     idf_scale: float = 8.0
 
 

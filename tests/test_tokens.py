@@ -38,7 +38,11 @@ CLAUSE_DROPS = [
     ("Use setfirstweekday to set the first day of the week to Sunday (6) or to any other weekday.",
      "Use setfirstweekday to set the first day of the week (6) or to any other weekday."),
 ]
-PARAPHRASE = ("Shares of Intel fell 3 percent on Tuesday.", "Intel stock dropped 3 percent on Tuesday.")
+PARAPHRASES = [
+    ("Shares of Intel fell 3 percent on Tuesday.", "Intel stock dropped 3 percent on Tuesday."),
+    # the word pieces of "JS" and "UIs" weigh 0.9 of a word, "user" 0.6: within the margin
+    ("React is a JavaScript library for building user interfaces.", "React.js is a JS library for building UIs."),
+]
 DIFFERENT_CLAUSES = (
     "The company said profits rose sharply in the third quarter, driven by strong sales of its new "
     "smartphone models in Asia and Latin America.",
@@ -70,8 +74,8 @@ def test_a_clause_drop_keeps_the_fuller_text_whatever_the_scores(embedder, selec
         assert [c.text for c in result.chunks] == [fuller]
 
 
-def test_paraphrases_cover_each_other_and_the_score_decides(embedder):
-    first, second = PARAPHRASE
+@pytest.mark.parametrize("first, second", PARAPHRASES)
+def test_paraphrases_cover_each_other_and_the_score_decides(embedder, first, second):
     assert [c.text for c in dedupe(embedder, [first, second], [0.2, 0.8]).chunks] == [second]
     assert [c.text for c in dedupe(embedder, [first, second], [0.8, 0.2]).chunks] == [first]
 
@@ -179,7 +183,7 @@ print(json.dumps(out))
 def test_the_same_answers_under_other_blas_kernels():
     """Token coverage is integer arithmetic: OpenBLAS's Haswell and Sandybridge kernels,
     which round float32 and float64 sums differently, give the same answers."""
-    pairs = [list(p) for p in CLAUSE_DROPS] + [list(PARAPHRASE), list(DIFFERENT_CLAUSES)]
+    pairs = [list(p) for p in CLAUSE_DROPS] + [list(p) for p in PARAPHRASES] + [list(DIFFERENT_CLAUSES)]
     answers = []
     for kernel in ("Haswell", "Sandybridge"):
         env = {**os.environ, "OPENBLAS_CORETYPE": kernel}
