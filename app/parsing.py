@@ -42,7 +42,7 @@ import gevent
 import numpy as np
 from gevent.lock import Semaphore
 
-from pipeline.types import Chunk, DedupeRequest
+from pipeline.types import DedupeRequest, checked_chunk
 
 from . import jsonio
 from .config import Config
@@ -239,9 +239,8 @@ class _Helper:
             forget = [i for i in forget if i in self.mapped]
             self.mapped.difference_update(forget)
             message = pickle.dumps((arena.id, size, len(arena), forget))
-            _send_header(self.sock, len(message), None if arena.id in self.mapped else arena.fd)
+            _send(self.sock, message, None if arena.id in self.mapped else arena.fd)
             self.mapped.add(arena.id)
-            self.sock.sendall(message)
             length, fds = _receive_header(self.sock)
             reply = pickle.loads(_receive_exactly(self.sock, length))
             if reply[0] == "error":
@@ -282,16 +281,13 @@ class _Helper:
 
 def _rebuild(request_fields: dict, rows: list, matrix: np.ndarray) -> DedupeRequest:
     """The request back from its parts; chunk vectors are rows of `matrix`, in order (`_split`
-    numbers them so). Each chunk is made as unpickling makes one, its fields set at once:
-    the dataclass's own __init__, and indexing the matrix for every row, cost ~24 ms at
-    10,000 chunks, all on the event loop; this ~8 ms."""
+    numbers them so). Chunks are made as unpickling makes them (`checked_chunk`), their rows
+    taken in order: the dataclass's own __init__, and indexing the matrix for every row, cost
+    ~24 ms at 10,000 chunks, all on the event loop; this ~8 ms."""
     vectors = iter(matrix)
-    new = object.__new__
-    chunks = []
-    for id_, text, score, row in rows:
-        chunk = new(Chunk)
-        chunk.__dict__.update(id=id_, text=text, score=score, embedding=None if row < 0 else next(vectors))
-        chunks.append(chunk)
+    chunks = [
+        checked_chunk(id_, text, score, None if row < 0 else next(vectors)) for id_, text, score, row in rows
+    ]
     gathered = request_fields.pop("gathered")
     return DedupeRequest(chunks=tuple(chunks), vectors=matrix if gathered else None, **request_fields)
 
@@ -319,9 +315,9 @@ def _split(dedupe_request: DedupeRequest, allocate) -> tuple[dict, list, np.ndar
 # ---------------------------------------------------------------- the wire
 
 
-def _send(sock: socket.socket, payload: bytes | bytearray | memoryview) -> None:
-    """A length-prefixed frame."""
-    sock.sendall(_HEADER.pack(len(payload)))
+def _send(sock: socket.socket, payload: bytes, fd: int | None = None) -> None:
+    """A length-prefixed frame, with a file descriptor attached to its header when one is given."""
+    _send_header(sock, len(payload), fd)
     sock.sendall(payload)
 
 
@@ -423,9 +419,7 @@ def serve(fd: int) -> None:
 
 
 def _reply(sock: socket.socket, reply: tuple, shared: SharedBuffer | None = None) -> None:
-    payload = pickle.dumps(reply, protocol=5)
-    _send_header(sock, len(payload), None if shared is None else shared.fd)
-    sock.sendall(payload)
+    _send(sock, pickle.dumps(reply, protocol=5), None if shared is None else shared.fd)
 
 
 def main(fd: int) -> None:

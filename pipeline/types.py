@@ -26,6 +26,15 @@ class Chunk:
     embedding: np.ndarray | None = None  # (d,) float32, as sent (not normalised)
 
 
+def checked_chunk(id: str, text: str, score: int | float, embedding: np.ndarray | None) -> Chunk:
+    """A `Chunk` of fields already checked, made as unpickling makes one, its fields set at
+    once: the frozen dataclass's __init__ costs ~1 µs a chunk, ~10 ms at 10,000 chunks on
+    the event loop."""
+    chunk = object.__new__(Chunk)
+    chunk.__dict__.update(id=id, text=text, score=score, embedding=embedding)
+    return chunk
+
+
 @dataclass(frozen=True)
 class DedupeRequest:
     """A validated request. `None` means "use the default" (resolved by the runner)."""
