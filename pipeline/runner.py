@@ -14,8 +14,8 @@ thread; that is how far work can run on after a client leaves.
 from __future__ import annotations
 
 import time
-from functools import partial
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
@@ -30,7 +30,7 @@ from .mmr import mmr_order
 from .offload import INLINE, Offload
 from .prefix import estimated_tokens, prefix_hash
 from .profiles import GO_THRESHOLD, coverage_threshold, model_threshold
-from .select import min_max, representatives
+from .select import best_scored, min_max, representatives
 from .types import CachePrefix, DedupeRequest, OutputChunk, Result, StageError, StageEvent
 from .vectors import PROGRESS_INTERVAL_S, embed_request
 
@@ -241,16 +241,6 @@ def _representatives(labels, strategy, unit, chunks, texts, eligible) -> tuple[l
         return best_scored(labels, scores), scores, int(labels.max()) + 1
     clusters = members(labels)
     return representatives(clusters, strategy, unit, scores, texts, eligible), scores, len(clusters)
-
-
-def best_scored(labels: np.ndarray, scores: np.ndarray) -> list[int]:
-    """`representatives(members(labels), "score", ...)` when every chunk may represent its
-    cluster, in one sort instead of a member list and an argmax per cluster (~700 clusters:
-    3 ms -> 0.2 ms): each cluster's highest score, ties to the earliest input."""
-    order = np.lexsort((-scores, labels))  # by cluster, then score descending; stable: input order
-    sorted_labels = labels[order]
-    firsts = np.flatnonzero(np.r_[True, sorted_labels[1:] != sorted_labels[:-1]])
-    return order[firsts].tolist()
 
 
 def _relevance(picked: Sequence[int], scores, unit, query_vector) -> np.ndarray:

@@ -160,8 +160,7 @@ def test_a_frozen_prefix_with_gathered_vectors_gives_the_same_result_as_without(
 @pytest.mark.parametrize("seed", range(40))
 def test_the_best_scored_member_per_cluster_in_one_sort_is_what_selection_picks(seed):
     from pipeline.cluster import members
-    from pipeline.runner import best_scored
-    from pipeline.select import representatives
+    from pipeline.select import best_scored, representatives
 
     rng = np.random.default_rng(seed)
     n = int(rng.integers(1, 300))
