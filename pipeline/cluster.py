@@ -162,7 +162,6 @@ class Clustering:
         self._done_batches = 0
         self._raw = np.arange(n, dtype=np.int64)  # cluster ids; a batch gives its rows ids >= n
         self._next_id = n
-        self._width = 1  # the offload's, at the last step
 
     @property
     def guarded_pairs(self) -> int:
@@ -170,9 +169,8 @@ class Clustering:
 
     def step(self, offload: Offload = INLINE) -> float:
         """Do the next step; return the fraction done (1.0: finished)."""
-        self._width = offload.width
         results = offload.all(self._next_pieces(offload.width))
-        return offload(self._absorb, results)
+        return offload(self._absorb, results, offload.width)
 
     def _next_pieces(self, width: int) -> list[Callable[[], Any]]:
         """The next step's independent pieces of work: at most `width` of them."""
@@ -192,7 +190,7 @@ class Clustering:
         batches = self._batches[self._done_batches : self._done_batches + width]
         return [partial(self._batch_labels, groups) for groups in batches]
 
-    def _absorb(self, results: list[Any]) -> float:
+    def _absorb(self, results: list[Any], width: int) -> float:
         """Fold the pieces' results in, in order (so the outcome does not depend on width)."""
         if self.threshold >= MAX_DISTANCE and self.coverage is None:
             self.labels = np.zeros(len(self.unit), dtype=np.int64)
@@ -220,7 +218,7 @@ class Clustering:
                     self.guarded_by[name] += count
             self._done_batches += len(results)
         if self._sentence_batches is None:
-            self._plan()
+            self._plan(width)
         return self._progress()
 
     def _progress(self) -> float:
@@ -234,10 +232,10 @@ class Clustering:
         self.labels = first_member_order(self._raw)
         return 1.0
 
-    def _plan(self) -> None:
+    def _plan(self, width: int) -> None:
         """Once the candidate components are known: their batches and, with the coverage
         guard, the sentences of their members that the model must embed."""
-        self._batches = self._plan_batches()
+        self._batches = self._plan_batches(width)
         chunks = [int(i) for groups in self._batches for group in groups for i in group]
         self._sentence_batches = self.coverage.plan(sorted(chunks)) if self.coverage is not None else []
 
@@ -257,7 +255,7 @@ class Clustering:
             first, second = first[~separated], second[~separated]
         return first, second, guarded
 
-    def _plan_batches(self) -> list[list[np.ndarray]]:
+    def _plan_batches(self, width: int) -> list[list[np.ndarray]]:
         """Components of 2+ members (each ascending), packed into batches of <= BATCH_ROWS rows;
         with two threads or more, a lone batch of several components is cut in two of about
         as many rows, so two threads share it (1,000 x 1,536 with a third near-copies: one batch of ~670 rows,
@@ -270,7 +268,7 @@ class Clustering:
                 rows = 0
             batches[-1].append(group)
             rows += len(group)
-        if self._width > 1 and len(batches) == 1 and len(batches[0]) > 1:
+        if width > 1 and len(batches) == 1 and len(batches[0]) > 1:
             sizes = np.cumsum([len(group) for group in batches[0]])
             cut = min(max(1, int(np.searchsorted(sizes, sizes[-1] / 2))), len(sizes) - 1)
             batches = [batches[0][:cut], batches[0][cut:]]
