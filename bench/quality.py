@@ -194,33 +194,47 @@ def main() -> None:
 
 
 def news_table(model: PrecomputedModel) -> None:
-    """News sentence pairs (STS-B's MSRpar genre: pairs from a news paraphrase corpus;
-    gold >= 3.5 counts as a paraphrase), one request of two chunks each, the shorter
-    sent with the higher score: P/R/F1 of "merged", and the share of merges that kept
-    a text with under 80 % of the other's words."""
+    """News sentence pairs, one request of two chunks each, the shorter sent with the
+    higher score: P/R/F1 of "merged", and the share of merges that kept a text with
+    under 80 % of the other's words. Always STS-B's MSRpar genre (pairs from a news
+    paraphrase corpus; gold >= 3.5 counts as a paraphrase); and, when
+    DISTILL_NEWS_PAIRS names one, a file of labelled pairs in the Microsoft Research
+    Paraphrase Corpus layout (a header, then label, id, id, sentence, sentence)."""
     rows = []
-    for split in ("train", "dev"):
-        with open(DATA / f"sts-{split}.csv", encoding="utf-8") as f:
-            found = [r for r in csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE) if r[1] == "MSRpar"]
-        model.encode([t for r in found for t in r[5:7]])
-        paraphrase = np.array([float(r[4]) >= 3.5 for r in found])
+    for name, pairs, paraphrase in news_sets():
+        model.encode([t for pair in pairs for t in pair])
         for label, fields in (("numbers guard only", {"guards": ("numbers",)}), ("as shipped", {})):
             merged, short_kept = [], 0
-            for row in found:
-                shorter, longer = sorted(row[5:7], key=lambda t: (len(t.split()), t))
+            for pair in pairs:
+                shorter, longer = sorted(pair, key=lambda t: (len(t.split()), t))
                 chunks = (Chunk(id="s", text=shorter, score=0.9), Chunk(id="l", text=longer, score=0.5))
                 result = drain(run(DedupeRequest(chunks=chunks, **fields), model, Defaults()))
                 merged.append(result.cluster_count == 1)
                 lost = len(shorter.split()) < 0.8 * len(longer.split()) and result.chunks[0].id == "s"
                 short_kept += merged[-1] and lost
             s = scores(np.array(merged), paraphrase)
-            rows.append([split, label, f"{s['P']:.3f}", f"{s['R']:.3f}", f"{s['F1']:.3f}", str(sum(merged)),
+            rows.append([name, label, f"{s['P']:.3f}", f"{s['R']:.3f}", f"{s['F1']:.3f}", str(sum(merged)),
                          f"{short_kept / max(1, sum(merged)):.3f}"])
     table(
-        "News sentence pairs (STS-B MSRpar, gold >= 3.5 paraphrase), shorter sent with the higher score",
-        ["split", "setting", "P", "R", "F1", "merges", "merges keeping < 80 % of the words"],
+        "News sentence pairs (STS-B MSRpar: gold >= 3.5 paraphrase), shorter sent with the higher score",
+        ["pairs", "setting", "P", "R", "F1", "merges", "merges keeping < 80 % of the words"],
         rows,
     )
+
+
+def news_sets() -> list[tuple[str, list[tuple[str, str]], np.ndarray]]:
+    """(name, sentence pairs, paraphrase or not) for each set of news pairs `news_table` reads."""
+    sets = []
+    for split in ("train", "dev"):
+        with open(DATA / f"sts-{split}.csv", encoding="utf-8") as f:
+            found = [r for r in csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE) if r[1] == "MSRpar"]
+        sets.append((f"MSRpar {split}", [(r[5], r[6]) for r in found], np.array([float(r[4]) >= 3.5 for r in found])))
+    labelled = os.environ.get("DISTILL_NEWS_PAIRS")
+    if labelled:
+        with open(labelled, encoding="utf-8-sig") as f:
+            found = [r for r in csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)][1:]
+        sets.append((Path(labelled).name, [(r[3], r[4]) for r in found], np.array([r[0] == "1" for r in found])))
+    return sets
 
 
 def sentence_pair_table(model: PrecomputedModel) -> None:

@@ -28,12 +28,15 @@ class TokenProfile:
     budget: how many content words' weight may go unsaid;
     margin: how much more one sentence may leave unsaid than the other and still
     count as covering it (content words);
+    extra: how many content words the covering sentence may say beyond the other
+    (one that says more is a statement of its own, not a restatement);
     idf_scale: the idf at which a token weighs a whole content word.
     """
 
-    match: float = 0.6
-    budget: float = 6.0
+    match: float = 0.5
+    budget: float = 4.5
     margin: float = 0.33
+    extra: float = 6.5
     idf_scale: float = 8.0
 
 

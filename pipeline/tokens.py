@@ -13,14 +13,19 @@ that B does not have itself. A word both have is accounted for by its twin;
 letting it also stand for a neighbour whose meaning its context has absorbed is
 how "set the first day of the week to Sunday (6) or to any other weekday"
 passed for the same sentence less "to Sunday": "weekday", in both, matched the
-dropped "Sunday" (0.84). The tokens A leaves unsaid weigh by their idf (`bench/token_weights.py`: "the" and "." nearly
-nothing, names and rare words most; punctuation nothing). A *covers* B when
+dropped "Sunday" (0.84). The tokens A leaves unsaid weigh by their idf
+(`bench/token_weights.py`: "the" and "." nearly nothing, names and rare words
+most; punctuation nothing). A *covers* B when
 
 * every number in B is in A (as the number guard reads numbers),
-* what A leaves unsaid of B weighs at most `budget` content words, and
-* no more than what B leaves unsaid of A, plus `margin`: of two sentences that
-  each miss a word of the other (a paraphrase), each covers the other; of a
-  sentence and the same sentence less a name or a clause, only the fuller one.
+* what A leaves unsaid of B weighs at most `budget` content words,
+* and no more than what B leaves unsaid of A, plus `margin`: of two sentences
+  that each miss a word of the other (a paraphrase), each covers the other; of a
+  sentence and the same sentence less a name or a clause, only the fuller one;
+* and what A says beyond B weighs at most `extra` content words. A sentence
+  that adds a whole clause of its own ("..., down from 110,000 several years
+  ago") makes a statement of its own: people do not call the pair the same
+  sentence, and keeping both loses nothing.
 
 Every similarity is exact integer arithmetic (`pipeline.embed.quantised_states`),
 so the answer is the same on every machine.
@@ -64,6 +69,7 @@ class TokenJudge:
         self._match = profile.match * float(STATE_SCALE) ** 2  # on the integer similarity scale
         self._budget = round(profile.budget * WEIGHT_UNIT)
         self._margin = round(profile.margin * WEIGHT_UNIT)
+        self._extra = round(profile.extra * WEIGHT_UNIT)
 
     def sentences(self, texts: Sequence[str], states: Sequence[np.ndarray]) -> list[Sentence]:
         """Each text (with its token states from `Embedder.encode`) ready to compare."""
@@ -89,10 +95,10 @@ class TokenJudge:
         """Whether `first` says everything `second` says (see the module docstring)."""
         if not second.numbers <= first.numbers:
             return False
+        unsaid_of_first = int(first.weights[self.unsaid(first, second)].sum())  # what `first` adds
+        if unsaid_of_first > self._extra:
+            return False
         unsaid_of_second = int(second.weights[self.unsaid(second, first)].sum())
-        if unsaid_of_second == 0:
-            return True
-        unsaid_of_first = int(first.weights[self.unsaid(first, second)].sum())
         return unsaid_of_second <= min(self._budget, unsaid_of_first + self._margin)
 
     def unsaid_words(self, text: str, said: Sentence, by: Sentence, limit: int = 20) -> list[str]:
