@@ -216,7 +216,8 @@ def news_table(model: PrecomputedModel) -> None:
             rows.append([name, label, f"{s['P']:.3f}", f"{s['R']:.3f}", f"{s['F1']:.3f}", str(sum(merged)),
                          f"{short_kept / max(1, sum(merged)):.3f}"])
     table(
-        "News sentence pairs (STS-B MSRpar: gold >= 3.5 paraphrase), shorter sent with the higher score",
+        "News sentence pairs (STS-B MSRpar: gold >= 3.5 paraphrase; a labelled file: its labels),"
+        " shorter sent with the higher score",
         ["pairs", "setting", "P", "R", "F1", "merges", "merges keeping < 80 % of the words"],
         rows,
     )

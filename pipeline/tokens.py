@@ -23,9 +23,9 @@ most; punctuation nothing). A *covers* B when
   that each miss a word of the other (a paraphrase), each covers the other; of a
   sentence and the same sentence less a name or a clause, only the fuller one;
 * and what A says beyond B weighs at most `extra` content words. A sentence
-  that adds a whole clause of its own ("..., down from 110,000 several years
-  ago") makes a statement of its own: people do not call the pair the same
-  sentence, and keeping both loses nothing.
+  that adds a whole clause of its own ("..., as policymakers waited for clearer
+  evidence that spending was slowing") makes a statement of its own: people do
+  not call the pair the same sentence, and keeping both loses nothing.
 
 Every similarity is exact integer arithmetic (`pipeline.embed.quantised_states`),
 so the answer is the same on every machine.
@@ -92,7 +92,8 @@ class TokenJudge:
         return missing
 
     def covers(self, first: Sentence, second: Sentence) -> bool:
-        """Whether `first` says everything `second` says (see the module docstring)."""
+        """Whether `first` says everything `second` says, and little besides (see the
+        module docstring)."""
         if not second.numbers <= first.numbers:
             return False
         unsaid_of_first = int(first.weights[self.unsaid(first, second)].sum())  # what `first` adds
