@@ -9,7 +9,8 @@ token of the shorter sentence has a close counterpart in the longer one, but
 
 A token of sentence B is *said* by sentence A when A has the same token, or a
 token whose state is within `match` cosine similarity of it among the tokens of A
-that B does not have itself. A word both have is accounted for by its twin;
+that B does not have itself and that are not light ("a", "the", "of"). A word
+both have is accounted for by its twin;
 letting it also stand for a neighbour whose meaning its context has absorbed is
 how "set the first day of the week to Sunday (6) or to any other weekday"
 passed for the same sentence less "to Sunday": "weekday", in both, matched the
@@ -46,7 +47,7 @@ from .profiles import TokenProfile
 
 DATA = Path(__file__).with_name("data")
 WEIGHT_UNIT = 1000  # a content word weighs this much (integers: sums are exact)
-SHOWN_WEIGHT = WEIGHT_UNIT // 4  # lighter tokens ("is", "a", "of") are not listed as unsaid
+CONTENT_WEIGHT = WEIGHT_UNIT // 4  # lighter tokens ("is", "a", "of") are not listed as unsaid, nor say another
 _WORD = re.compile(r"[^\W_]")
 
 
@@ -85,7 +86,9 @@ class TokenJudge:
         if not len(said.ids):
             return np.zeros(0, dtype=bool)
         missing = ~np.isin(said.ids, by.ids)
-        unshared = ~np.isin(by.ids, said.ids)  # `by`'s tokens that `said` has no twin of
+        # `by`'s tokens that `said` has no twin of, light ones aside: "a" or "the" takes on its
+        # neighbours' meaning ("an air plane" / "a plane": "a" is 0.56 similar to "air") but says nothing
+        unshared = ~np.isin(by.ids, said.ids) & (by.weights >= CONTENT_WEIGHT)
         if missing.any() and unshared.any():
             similarities = said.states[missing].astype(np.float64) @ by.states[unshared].T.astype(np.float64)
             missing[missing] = similarities.max(axis=1) < self._match
@@ -104,9 +107,9 @@ class TokenJudge:
 
     def unsaid_words(self, text: str, said: Sentence, by: Sentence, limit: int = 20) -> list[str]:
         """The words of `text` (the sentence `said`) that `by` leaves unsaid, content words
-        only (weighing at least SHOWN_WEIGHT), in order, at most `limit` (what explain shows)."""
+        only (weighing at least CONTENT_WEIGHT), in order, at most `limit` (what explain shows)."""
         spans = self.embedder.token_spans([text])[0][: len(said.ids)]
-        missing = self.unsaid(said, by) & (said.weights >= SHOWN_WEIGHT)
+        missing = self.unsaid(said, by) & (said.weights >= CONTENT_WEIGHT)
         words: list[tuple[int, int]] = []
         for (start, end), gone in zip(spans, missing):
             if gone:
