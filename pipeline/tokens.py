@@ -10,11 +10,10 @@ token of the shorter sentence has a close counterpart in the longer one, but
 A token of sentence B is *said* by sentence A when A has the same token, or a
 token whose state is within `match` cosine similarity of it among the tokens of A
 that B does not have itself and that are not light ("a", "the", "of"). A word
-both have is accounted for by its twin;
-letting it also stand for a neighbour whose meaning its context has absorbed is
-how "set the first day of the week to Sunday (6) or to any other weekday"
-passed for the same sentence less "to Sunday": "weekday", in both, matched the
-dropped "Sunday" (0.84). The tokens A leaves unsaid weigh by their idf
+both have is accounted for by its twin; letting it also stand for a neighbour
+whose meaning its context has absorbed is how "set the first day of the week to
+Sunday (6) or to any other weekday" passed for the same sentence less "to
+Sunday": "weekday", in both, matched the dropped "Sunday" (0.84). The tokens A leaves unsaid weigh by their idf
 (`bench/token_weights.py`: "the" and "." nearly nothing, names and rare words
 most; punctuation nothing). A *covers* B when
 
