@@ -13,9 +13,9 @@ that B does not have itself and that are not light ("a", "the", "of"). A word
 both have is accounted for by its twin; letting it also stand for a neighbour
 whose meaning its context has absorbed is how "set the first day of the week to
 Sunday (6) or to any other weekday" passed for the same sentence less "to
-Sunday": "weekday", in both, matched the dropped "Sunday" (0.84). The tokens A leaves unsaid weigh by their idf
-(`bench/token_weights.py`: "the" and "." nearly nothing, names and rare words
-most; punctuation nothing). A *covers* B when
+Sunday": "weekday", in both, matched the dropped "Sunday" (0.84). The tokens A
+leaves unsaid weigh by their idf (`bench/token_weights.py`: "the" and "." nearly
+nothing, names and rare words most; punctuation nothing). A *covers* B when
 
 * every number in B is in A (as the number guard reads numbers),
 * what A leaves unsaid of B weighs at most `budget` content words,
@@ -46,7 +46,7 @@ from .profiles import TokenProfile
 
 DATA = Path(__file__).with_name("data")
 WEIGHT_UNIT = 1000  # a content word weighs this much (integers: sums are exact)
-CONTENT_WEIGHT = WEIGHT_UNIT // 4  # lighter tokens ("is", "a", "of") are not listed as unsaid, nor say another
+CONTENT_WEIGHT = WEIGHT_UNIT // 4  # lighter tokens ("is", "a", "of") are not listed as unsaid nor say another
 _WORD = re.compile(r"[^\W_]")
 
 

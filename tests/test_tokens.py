@@ -43,7 +43,7 @@ CLAUSE_DROPS = [
 ]
 PARAPHRASES = [
     ("Shares of Intel fell 3 percent on Tuesday.", "Intel stock dropped 3 percent on Tuesday."),
-    # the word pieces of "JS" and "UIs" weigh 0.9 of a word, "user" 0.6: within the margin
+    # each leaves ~0.6 of a word of the other unsaid ("user"; pieces of "JS" and "UIs")
     ("React is a JavaScript library for building user interfaces.", "React.js is a JS library for building UIs."),
 ]
 DIFFERENT_CLAUSES = (
