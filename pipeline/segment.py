@@ -24,7 +24,14 @@ Span = tuple[int, int]
 # A sentence ends at . ! or ? (closing quotes/brackets allowed) before white space and
 # a capital, digit, quote or bracket: "e.g. the" and "3.5 m" do not end one.
 _SENTENCE_END = re.compile(r"[.!?][\"')\]]*\s+(?=[\"'(\[]?[A-Z0-9])")
-_ABBREVIATION = re.compile(r"(?:\b(?:e\.g|i\.e|etc|vs|cf|Mr|Mrs|Ms|Dr|Prof|Fig|No|St|al)|\b[A-Z])\.$")
+_ABBREVIATION = re.compile(
+    r"(?:\b(?:e\.g|i\.e|etc|vs|cf|al|approx|Fig|Figs|No|Nos|Vol|Sec|pp"  # references
+    r"|Mr|Mrs|Ms|Dr|Prof|Sr|Jr|St|Mt|Ft|Gen|Lt|Col|Maj|Capt|Sgt|Adm|Brig|Gov|Sen|Rep|Rev|Hon|Pres"  # titles
+    r"|Jan|Feb|Mar|Apr|Jun|Jul|Aug|Sep|Sept|Oct|Nov|Dec"  # months
+    r"|Inc|Corp|Co|Ltd|Bros|Dept|Univ|Ave|Blvd"  # names of companies and places
+    r"|Ala|Ariz|Ark|Calif|Colo|Conn|Fla|Ga|Ill|Kan|Ky|Md|Mass|Mich|Minn|Mo|Neb|Nev|Okla|Ore|Pa|Tenn|Tex|Va|Vt|Wis)"
+    r"|\b[A-Z]|\b[a-z]\.[a-z])\.$"  # initials: "J. Smith", "U.S.", "3 p.m."
+)
 _PARAGRAPH = re.compile(r"\n[ \t]*\n\s*")
 _STRUCTURED_LINE = re.compile(  # (matched at a line's start)
     r"(?:\s*(?:[-*+\u2022]|\d{1,3}[.)])\s|\s*#{1,6}\s|\s*\||\s*[=\-~^\"'`#*+]{3,}\s*$|\t| {4}|\s*```)"

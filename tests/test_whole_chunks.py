@@ -80,6 +80,16 @@ def test_units_are_sentences_and_structured_lines_and_survive_rewrapping():
     assert squash(prose, units(prose)) == squash(rewrapped, units(rewrapped))
 
 
+def test_abbreviations_of_news_prose_end_no_sentence():
+    """Titles, months, company suffixes, states and "p.m." cut a news sentence in two, and
+    each half was then judged alone: a paraphrase saying "Feb. 1" as "on Feb. 1" no longer
+    covered it."""
+    first = "Shares of PepsiCo Inc. rose on Feb. 3 at 2 p.m. Friday, Brig. Gen. Smith said in Tulsa, Okla. on Monday."
+    second = "Sen. Jones and Rep. Brown of Acme Corp. met on Sept. 9 with Gov. Davis and Dr. Lee of the U.S. Army."
+    text = first + " " + second
+    assert [text[a:b] for a, b in units(text)] == [first, second]
+
+
 @pytest.mark.parametrize("text", ["x" * 200_000, "word " * 40_000, ". " * 100_000, "a\n" * 100_000])
 def test_units_take_time_in_proportion_to_length(text):
     started = time.process_time()
