@@ -36,7 +36,7 @@ class TokenProfile:
     match: float = 0.5
     budget: float = 4.5
     margin: float = 0.33
-    extra: float = 6.5
+    extra: float = 5.5
     idf_scale: float = 8.0
 
 
