@@ -169,7 +169,8 @@ class Coverage:
             return True
         key = (covering, covered)
         if key not in self._verdicts:
-            self._verdicts[key] = self.judge.covers(self._sentence(covering), self._sentence(covered))
+            verdicts = self.judge.each_covers(self._sentence(covering), self._sentence(covered))
+            self._verdicts[key], self._verdicts[(covered, covering)] = verdicts
         return self._verdicts[key]
 
     def _sentence(self, text: str) -> Sentence:

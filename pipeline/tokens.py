@@ -93,16 +93,24 @@ class TokenJudge:
             missing[missing] = similarities.max(axis=1) < self._match
         return missing
 
-    def covers(self, first: Sentence, second: Sentence) -> bool:
-        """Whether `first` says everything `second` says, and little besides (see the
-        module docstring)."""
-        if not second.numbers <= first.numbers:
-            return False
-        unsaid_of_first = int(first.weights[self.unsaid(first, second)].sum())  # what `first` adds
-        if unsaid_of_first > self._extra:
-            return False
-        unsaid_of_second = int(second.weights[self.unsaid(second, first)].sum())
-        return unsaid_of_second <= min(self._budget, unsaid_of_first + self._margin)
+    def each_covers(self, a: Sentence, b: Sentence) -> tuple[bool, bool]:
+        """(whether `a` covers `b`, whether `b` covers `a`): each says everything the other
+        says, and little besides (see the module docstring). Both verdicts rest on the same
+        two comparisons, so a pair is compared once each way, whichever is asked."""
+        numbers_of_b_in_a, numbers_of_a_in_b = b.numbers <= a.numbers, a.numbers <= b.numbers
+        if not (numbers_of_b_in_a or numbers_of_a_in_b):
+            return False, False
+        unsaid_of_a = int(a.weights[self.unsaid(a, b)].sum())  # what `a` says that `b` does not
+        unsaid_of_b = int(b.weights[self.unsaid(b, a)].sum())
+        return (
+            numbers_of_b_in_a and self._restates(unsaid_of_a, unsaid_of_b),
+            numbers_of_a_in_b and self._restates(unsaid_of_b, unsaid_of_a),
+        )
+
+    def _restates(self, adds: int, leaves: int) -> bool:
+        """Whether a sentence that says `adds` beyond another and leaves `leaves` of it unsaid
+        covers it: little added, little left, and no more left than added plus the margin."""
+        return adds <= self._extra and leaves <= min(self._budget, adds + self._margin)
 
     def unsaid_words(self, text: str, said: Sentence, by: Sentence, limit: int = 20) -> list[str]:
         """The words of `text` (the sentence `said`) that `by` leaves unsaid, content words

@@ -124,15 +124,15 @@ def test_explain_names_the_words_each_sentence_alone_says(client):
 
 def test_a_sentence_covers_itself_and_whatever_it_contains(judge, embedder):
     fuller, shorter = sentences(judge, embedder, *CLAUSE_DROPS[0])
-    assert judge.covers(fuller, fuller) and judge.covers(fuller, shorter)
-    assert not judge.covers(shorter, fuller)
+    assert judge.each_covers(fuller, fuller) == (True, True)
+    assert judge.each_covers(fuller, shorter) == (True, False)
 
 
 def test_a_number_the_other_lacks_is_never_covered(judge, embedder):
     with_both, with_one = sentences(
         judge, embedder, "Revenue rose 5% to 12 million dollars.", "Revenue rose 5% to 13 million dollars."
     )
-    assert not judge.covers(with_both, with_one) and not judge.covers(with_one, with_both)
+    assert judge.each_covers(with_both, with_one) == (False, False)
 
 
 def test_unsaid_words_are_whole_words(judge, embedder):
