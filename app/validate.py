@@ -56,19 +56,19 @@ def parse_request(body: Any, config: Config, allocate: Callable[..., np.ndarray]
             413, f"too many chunks: {len(raw_chunks)} > DISTILL_MAX_CHUNKS ({config.max_chunks})"
         )
     with np.errstate(over="ignore"):  # a number too big for float32 -> inf -> refused (once, not per vector)
-        decoded = gathered = _array_rows(raw_chunks, allocate)
-        if decoded is None:
-            decoded = _base64_rows(raw_chunks)
-        if decoded is None:
+        rows = _array_rows(raw_chunks, allocate)
+        if rows is None:
+            rows = _base64_rows(raw_chunks, allocate)
+        if rows is None:
             chunks = tuple(_chunk(raw, i) for i, raw in enumerate(raw_chunks))
         else:
-            chunks = tuple(_chunk(raw, i, row) for i, (raw, row) in enumerate(zip(raw_chunks, decoded)))
+            chunks = tuple(_chunk(raw, i, row) for i, (raw, row) in enumerate(zip(raw_chunks, rows)))
         markers = [_cache_marker(raw.get("cache_control"), i) for i, raw in enumerate(raw_chunks)]
         frozen_count = _frozen_count(markers) if _preserve_cache_prefix(body.get("options")) else 0
         query_embedding = _embedding(body.get("query_embedding"), "query_embedding")
     _check_dimensions(chunks[frozen_count:], query_embedding)
     return DedupeRequest(
-        vectors=gathered if gathered is not None else _gathered(chunks, allocate, decoded),
+        vectors=rows if rows is not None else _gathered(chunks, allocate),
         chunks=chunks,
         threshold=_zero_is_default(body, "threshold", 2.0),
         lambda_=_zero_is_default(body, "lambda", 1.0),
@@ -121,7 +121,7 @@ def _chunk(raw: Any, index: int, decoded: np.ndarray | None = None) -> Chunk:
     """One chunk. The common cases (a string or null, a vector decoded as an array, an int or
     float score) are checked inline; anything else takes the general checks, with the same
     messages (at 10,000 chunks the messages' places, formatted up front, cost ~10 ms).
-    `decoded`: its base64 vector, already decoded and checked (`_base64_rows`)."""
+    `decoded`: its vector, already decoded and checked (`_array_rows`, `_base64_rows`)."""
     if not isinstance(raw, dict):
         raise bad(f"chunks[{index}] must be an object")
     text = raw.get("text")
@@ -278,9 +278,9 @@ def _array_rows(raw_chunks: list, allocate: Callable[..., np.ndarray]) -> np.nda
     return rows if np.isfinite(rows).all() else None
 
 
-def _base64_rows(raw_chunks: list) -> np.ndarray | None:
-    """Every chunk's base64 vector decoded at once, as the rows of one (n, d) float32 matrix,
-    when each chunk is an object whose embedding is a base64 string of the same length, with
+def _base64_rows(raw_chunks: list, allocate: Callable[..., np.ndarray]) -> np.ndarray | None:
+    """Every chunk's base64 vector decoded at once, as the rows of the request's (n, d) float32
+    matrix (made by `allocate`), when each chunk is an object whose embedding is a base64 string of the same length, with
     no padding, every value finite: what decoding each one gives (their groups of 4
     characters decode alike, joined or apart), in one call (1,000 x 1,536: ~8 ms of
     per-chunk decoding and checks -> ~3 ms). Else None: each is decoded on its own."""
@@ -301,8 +301,12 @@ def _base64_rows(raw_chunks: list) -> np.ndarray | None:
     width = size // 4 * 3
     if len(raw) != width * len(values) or width % 4:
         return None
-    rows = np.frombuffer(raw, dtype="<f4").astype(np.float32, copy=False).reshape(len(values), width // 4)
-    return rows if np.isfinite(rows).all() else None
+    rows = np.frombuffer(raw, dtype="<f4").reshape(len(values), width // 4)
+    if not np.isfinite(rows).all():
+        return None
+    matrix = allocate(rows.shape, dtype=np.float32)
+    np.copyto(matrix, rows)  # (byte order swapped only on a big-endian machine)
+    return matrix
 
 
 def _base64_vector(value: str) -> np.ndarray | None:
@@ -333,19 +337,13 @@ def _check_dimensions(chunks: tuple[Chunk, ...], query_embedding: np.ndarray | N
         raise bad(f"all embeddings must have the same dimension, got {sorted(dims)}")
 
 
-def _gathered(
-    chunks: tuple[Chunk, ...], allocate: Callable[..., np.ndarray], decoded: np.ndarray | None = None
-) -> np.ndarray | None:
+def _gathered(chunks: tuple[Chunk, ...], allocate: Callable[..., np.ndarray]) -> np.ndarray | None:
     """(n, d) float32, row i the vector of chunk i, when every chunk has one of one dimension
-    (`decoded`: those rows, when `_base64_rows` decoded them all)."""
+    (checked chunk by chunk: no fast path gathered them)."""
     first = chunks[0].embedding
     if first is None or any(c.embedding is None or len(c.embedding) != len(first) for c in chunks):
         return None
-    out = allocate((len(chunks), len(first)), dtype=np.float32)
-    if decoded is not None:  # every chunk's vector is its row
-        np.copyto(out, decoded)
-        return out
-    return np.stack([c.embedding for c in chunks], out=out)
+    return np.stack([c.embedding for c in chunks], out=allocate((len(chunks), len(first)), dtype=np.float32))
 
 
 def _zero_is_default(body: dict, name: str, high: float) -> float | None:
