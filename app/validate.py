@@ -56,9 +56,7 @@ def parse_request(body: Any, config: Config, allocate: Callable[..., np.ndarray]
             413, f"too many chunks: {len(raw_chunks)} > DISTILL_MAX_CHUNKS ({config.max_chunks})"
         )
     with np.errstate(over="ignore"):  # a number too big for float32 -> inf -> refused (once, not per vector)
-        rows = _array_rows(raw_chunks, allocate)
-        if rows is None:
-            rows = _base64_rows(raw_chunks, allocate)
+        rows = _decoded_rows(raw_chunks, allocate)
         if rows is None:
             chunks = tuple(_chunk(raw, i) for i, raw in enumerate(raw_chunks))
         else:
@@ -259,15 +257,22 @@ def _from_base64(value: str, where: str) -> np.ndarray:
     return np.frombuffer(raw, dtype="<f4").astype(np.float32, copy=False)  # a copy only if big-endian
 
 
-def _array_rows(raw_chunks: list, allocate: Callable[..., np.ndarray]) -> np.ndarray | None:
-    """Every chunk's vector, when each chunk is an object whose embedding the decoder made an
+def _decoded_rows(raw_chunks: list, allocate: Callable[..., np.ndarray]) -> np.ndarray | None:
+    """The request's matrix of vectors when one of the fast paths below reads every chunk's
+    at once, else None (each chunk is then checked on its own)."""
+    try:
+        values = [raw["embedding"] for raw in raw_chunks]
+    except (TypeError, KeyError):  # a chunk that is not an object, or has no embedding
+        return None
+    rows = _array_rows(values, allocate)
+    return rows if rows is not None else _base64_rows(values, allocate)
+
+
+def _array_rows(values: list, allocate: Callable[..., np.ndarray]) -> np.ndarray | None:
+    """Every chunk's vector (`values`: their embeddings), when the decoder made each an
     array of one length, cast to float32 in one pass into the request's matrix (made by
     `allocate`) and checked finite at once: what each one's own cast gives. Else None:
     each is checked on its own, for its message."""
-    try:
-        values = [raw["embedding"] for raw in raw_chunks]
-    except (TypeError, KeyError):
-        return None
     first = values[0]
     if type(first) is not np.ndarray or first.ndim != 1 or not len(first):
         return None
@@ -278,16 +283,13 @@ def _array_rows(raw_chunks: list, allocate: Callable[..., np.ndarray]) -> np.nda
     return rows if np.isfinite(rows).all() else None
 
 
-def _base64_rows(raw_chunks: list, allocate: Callable[..., np.ndarray]) -> np.ndarray | None:
-    """Every chunk's base64 vector decoded at once, as the rows of the request's (n, d) float32
-    matrix (made by `allocate`), when each chunk is an object whose embedding is a base64 string of the same length, with
-    no padding, every value finite: what decoding each one gives (their groups of 4
-    characters decode alike, joined or apart), in one call (1,000 x 1,536: ~8 ms of
-    per-chunk decoding and checks -> ~3 ms). Else None: each is decoded on its own."""
-    try:
-        values = [raw["embedding"] for raw in raw_chunks]
-    except (TypeError, KeyError):
-        return None
+def _base64_rows(values: list, allocate: Callable[..., np.ndarray]) -> np.ndarray | None:
+    """Every chunk's base64 vector (`values`: their embeddings) decoded at once, as the rows
+    of the request's (n, d) float32 matrix (made by `allocate`), when each is a base64
+    string of the same length, with no padding, every value finite: what decoding each one
+    gives (their groups of 4 characters decode alike, joined or apart), in one call (1,000 x
+    1,536: ~8 ms of per-chunk decoding and checks -> ~3 ms). Else None: each is decoded on
+    its own."""
     first = values[0]
     if type(first) is not str or not first or len(first) % 4 or first[-1] == "=":
         return None
