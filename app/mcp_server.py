@@ -222,8 +222,8 @@ _CHUNKS = {
             "text": {"type": "string", "description": "The chunk's text."},
             "score": {
                 "type": "number",
-                "description": "Retrieval relevance, higher is better (default 0); "
-                "the best-scored chunk of a cluster is kept.",
+                "description": "Retrieval relevance, higher is better (default 0); of "
+                "a cluster's chunks that say everything the others say, the best-scored is kept.",
             },
             "embedding": {
                 "type": ["array", "string"],
@@ -297,8 +297,9 @@ DEDUPLICATE_TOOL = types.Tool(
             "selection": {
                 "type": "string",
                 "enum": ["score", "centroid", "length", "hybrid"],
-                "description": "Which chunk of a cluster is kept: highest score (default), "
-                "closest to the cluster centre, longest text, or a score/centre mix.",
+                "description": "Which chunk of a cluster is kept, among those that say "
+                "everything the others say: highest score (default), closest to the cluster "
+                "centre, longest text, or a score/centre mix.",
             },
             "query": {
                 "type": "string",

@@ -6,12 +6,13 @@
 
 `run(documents=[...], query=None, query_embedding=None)` returns
 `{"documents": [...]}`: the same `Document` instances (meta and score
-untouched), in the service's order. Document scores are sent, so the
-best-scored duplicate is kept. When every document carries an embedding the
-vectors are sent and nothing is embedded again; MMR relevance then uses
-`query_embedding` (the query text would be embedded by a different model).
-Otherwise the service embeds `content` and uses `query`. The query is sent
-only when `target_k` is set. `run_async` does the same in an AsyncPipeline.
+untouched), in the service's order. Document scores are sent: of duplicates,
+the best-scored one that says everything the others say is kept. When every
+document carries an embedding the vectors are sent and nothing is embedded
+again; MMR relevance then uses `query_embedding` (the query text would be
+embedded by a different model). Otherwise the service embeds `content` and
+uses `query`. The query is sent only when `target_k` is set. `run_async`
+does the same in an AsyncPipeline.
 """
 
 from __future__ import annotations

@@ -6,8 +6,9 @@
 
 The same `Document` instances come back, metadata intact, in the service's
 order. LangChain documents carry no score or vector: the service embeds their
-`page_content`, and among duplicates the earliest (the retriever's best
-ranked) is kept. The query is sent for MMR relevance when `target_k` is set.
+`page_content`, and among duplicates that say everything the others say the
+earliest (the retriever's best ranked) is kept. The query is sent for MMR
+relevance when `target_k` is set.
 """
 
 from __future__ import annotations
