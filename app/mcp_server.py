@@ -222,8 +222,9 @@ _CHUNKS = {
             "text": {"type": "string", "description": "The chunk's text."},
             "score": {
                 "type": "number",
-                "description": "Retrieval relevance, higher is better (default 0); of "
-                "a cluster's chunks that say everything the others say, the best-scored is kept.",
+                "description": "Retrieval relevance, higher is better (default 0); the "
+                "best-scored chunk of a cluster is kept (with the coverage guard on: the "
+                "best-scored of those that say everything the others say).",
             },
             "embedding": {
                 "type": ["array", "string"],
@@ -297,9 +298,9 @@ DEDUPLICATE_TOOL = types.Tool(
             "selection": {
                 "type": "string",
                 "enum": ["score", "centroid", "length", "hybrid"],
-                "description": "Which chunk of a cluster is kept, among those that say "
-                "everything the others say: highest score (default), closest to the cluster "
-                "centre, longest text, or a score/centre mix.",
+                "description": "Which chunk of a cluster is kept (with the coverage guard on: "
+                "among those that say everything the others say): highest score (default), "
+                "closest to the cluster centre, longest text, or a score/centre mix.",
             },
             "query": {
                 "type": "string",

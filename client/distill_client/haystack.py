@@ -6,8 +6,9 @@
 
 `run(documents=[...], query=None, query_embedding=None)` returns
 `{"documents": [...]}`: the same `Document` instances (meta and score
-untouched), in the service's order. Document scores are sent: of duplicates,
-the best-scored one that says everything the others say is kept. When every
+untouched), in the service's order. Document scores are sent, so the
+best-scored duplicate is kept (when the service embeds the text: the
+best-scored of those that say everything the others say). When every
 document carries an embedding the vectors are sent and nothing is embedded
 again; MMR relevance then uses `query_embedding` (the query text would be
 embedded by a different model). Otherwise the service embeds `content` and

@@ -4,12 +4,13 @@
     engine = index.as_query_engine(node_postprocessors=[DistillPostprocessor(target_k=5)])
 
 The same `NodeWithScore` instances come back (score and metadata untouched),
-in the service's order. Node scores are sent: of duplicates, the best-scored
-one that says everything the others say is kept. When every node carries an
-embedding the vectors are sent and nothing is embedded again; the query then
-goes as the query bundle's embedding (its text would be embedded by a
-different model). Otherwise the service embeds the nodes' text and the query
-text. The query is sent only when `target_k` is set (MMR relevance).
+in the service's order. Node scores are sent, so the best-scored duplicate is
+kept (when the service embeds the text: the best-scored of those that say
+everything the others say). When every node carries an embedding the vectors
+are sent and nothing is embedded again; the query then goes as the query
+bundle's embedding (its text would be embedded by a different model).
+Otherwise the service embeds the nodes' text and the query text. The query is
+sent only when `target_k` is set (MMR relevance).
 """
 
 from __future__ import annotations
